@@ -1,0 +1,57 @@
+"""deepsup: deep supervision for any PyTorch model, in one line, without touching its code.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from deepsup import DeepSupervision, heads
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 3))
+    >>> sup = DeepSupervision(model, {"0": 0.4}, head=heads.classification(3),
+    ...                       criterion=nn.CrossEntropyLoss())
+    >>> out, aux = sup(torch.randn(4, 8), target=torch.tensor([0, 1, 2, 0]))
+    >>> list(aux)
+    ['0']
+"""
+
+from . import heads as heads
+from . import schedules as schedules
+from ._discovery import TapInfo as TapInfo
+from ._discovery import format_taps as format_taps
+from ._discovery import list_taps as list_taps
+from ._errors import CaptureError as CaptureError
+from ._errors import ChannelInferenceError as ChannelInferenceError
+from ._errors import DeepSupError as DeepSupError
+from ._errors import DeepSupScriptError as DeepSupScriptError
+from ._errors import DeepSupWarning as DeepSupWarning
+from ._errors import TapNotFoundError as TapNotFoundError
+from ._errors import TapOutputError as TapOutputError
+from ._errors import TargetError as TargetError
+from ._state import model_state_dict as model_state_dict
+from ._state import param_groups as param_groups
+from ._taps import Tap as Tap
+from ._version import __version__ as __version__
+from .wrapper import AuxLosses as AuxLosses
+from .wrapper import DeepSupervision as DeepSupervision
+from .wrapper import HeadDict as HeadDict
+
+__all__ = [
+    "AuxLosses",
+    "CaptureError",
+    "ChannelInferenceError",
+    "DeepSupError",
+    "DeepSupScriptError",
+    "DeepSupWarning",
+    "DeepSupervision",
+    "HeadDict",
+    "Tap",
+    "TapInfo",
+    "TapNotFoundError",
+    "TapOutputError",
+    "TargetError",
+    "__version__",
+    "format_taps",
+    "heads",
+    "list_taps",
+    "model_state_dict",
+    "param_groups",
+    "schedules",
+]

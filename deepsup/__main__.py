@@ -1,0 +1,79 @@
+"""``python -m deepsup list MODEL``: print the tappable modules of a model.
+
+MODEL is ``timm:NAME``, ``torchvision:NAME`` or ``package.module:callable`` (called with no
+arguments). No weights are downloaded: models are built with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ._discovery import format_taps, list_taps
+
+
+def build_model(spec: str) -> nn.Module:
+    """Build ``timm:NAME``, ``torchvision:NAME`` or ``package.module:callable``."""
+    source, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise ValueError(
+            f"model {spec!r} must be 'timm:NAME', 'torchvision:NAME' or 'package.module:callable'"
+        )
+    if source == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+    elif source == "torchvision":
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None)
+    else:
+        model = getattr(importlib.import_module(source), name)()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{spec!r} built a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--input must be comma-separated ints such as 1,3,224,224 (got {text!r})"
+        ) from None
+    return shape
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="deepsup", description="List the modules of a model that deepsup can tap."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("list", help="list tappable modules")
+    ls.add_argument("model", help="timm:NAME, torchvision:NAME or package.module:callable")
+    ls.add_argument(
+        "--input",
+        type=_shape,
+        default=None,
+        help="an input shape such as 1,3,224,224: run once to show output shapes and calls",
+    )
+    ls.add_argument("--suggested", action="store_true", help="only the suggested stage boundaries")
+    args = parser.parse_args(argv)
+    model = build_model(args.model)
+    example = torch.randn(*args.input) if args.input else None
+    infos = list_taps(model, example)
+    if args.suggested:
+        infos = [t for t in infos if t.suggested]
+    print(format_taps(infos))
+    print(f"\n{len(infos)} modules; * marks suggested taps (stage boundaries)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Forward hooks that capture tapped outputs, and the per-call, per-thread capture window.
+
+Rules (see PITFALLS.md): hooks are registered once and only capture; they return ``None``;
+they do nothing outside a window; a window belongs to one thread and one forward call and is
+closed in ``finally``. Hooks are small objects (not closures), so a deep copy of the model feeds
+the copy's store and pickling works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ._errors import CaptureError, TapOutputError
+from ._taps import Selector
+
+
+class Record(NamedTuple):
+    """One call of a tapped module inside a window."""
+
+    tensor: torch.Tensor
+    version: int
+    grad_enabled: bool
+
+
+def _default_select(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    if isinstance(output, Mapping) and output:
+        return next(iter(output.values()))
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        fields = dataclasses.fields(output)
+        if fields:
+            return getattr(output, fields[0].name)
+    return None
+
+
+def select_tensor(output: Any, select: Selector | None, tap: str) -> torch.Tensor:
+    """Pick the tensor to feed a head from a module's output."""
+    if select is None:
+        picked = _default_select(output)
+    elif callable(select):
+        picked = select(output)
+    elif isinstance(select, int) and isinstance(output, (tuple, list)):
+        picked = output[select] if -len(output) <= select < len(output) else None
+    elif isinstance(select, str) and isinstance(output, Mapping):
+        picked = output.get(select)
+    elif isinstance(select, str):
+        picked = getattr(output, select, None)
+    else:
+        picked = None
+    if not isinstance(picked, torch.Tensor):
+        how = "the default rule" if select is None else f"select={select!r}"
+        raise TapOutputError(
+            f"tap {tap!r}: {how} found no tensor in an output of type {type(output).__name__} "
+            f"(got {type(picked).__name__}); pass Tap(select=...) with an index, a key or a "
+            "callable that returns the tensor to supervise"
+        )
+    return picked
+
+
+class Capture:
+    """Holds the capture windows of one wrapper; its hooks write into the open window."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_local"]  # per-thread, per-call state never travels with a copy
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def records(self) -> dict[str, list[Record]] | None:
+        """The open window of this thread, or None."""
+        return getattr(self._local, "records", None)
+
+    @contextmanager
+    def window(self) -> Iterator[dict[str, list[Record]]]:
+        """Open a capture window for one forward call on this thread."""
+        if self.records() is not None:
+            raise RuntimeError(
+                "DeepSupervision's training forward was re-entered on the same thread (the "
+                "wrapper called inside its own forward); call the wrapped model instead"
+            )
+        records: dict[str, list[Record]] = {}
+        self._local.records = records
+        try:
+            yield records
+        finally:
+            self._local.records = None
+
+
+class TapHook:
+    """The forward hook of one tap: records the selected tensor of each call in a window."""
+
+    def __init__(
+        self, capture: Capture, name: str, select: Selector | None, clone: bool
+    ) -> None:
+        self.capture = capture
+        self.name = name
+        self.select = select
+        self.clone = clone
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        records = self.capture.records()
+        if records is None:
+            return None
+        tensor = select_tensor(output, self.select, self.name)
+        if self.clone:
+            tensor = tensor.clone()
+        version = -1 if torch.compiler.is_compiling() else tensor._version
+        records.setdefault(self.name, []).append(
+            Record(tensor, version, torch.is_grad_enabled())
+        )
+        return None
+
+    def __repr__(self) -> str:
+        return f"deepsup.TapHook({self.name!r})"
+
+
+def check_records(
+    name: str, records: list[Record], *, calls: str, detach: bool, grad_enabled: bool
+) -> list[torch.Tensor]:
+    """Validate one tap's captures after the model's forward; return the tensors to use."""
+    if not records:
+        raise CaptureError(
+            f"tap {name!r} did not run in this training forward. Is it skipped in training, or "
+            "called through `.forward()` (which bypasses hooks)? `deepsup.list_taps(model, "
+            "example_input)` shows which modules run"
+        )
+    if len(records) > 1 and calls == "error":
+        raise CaptureError(
+            f"tap {name!r} ran {len(records)} times in one forward (a shared or reused module); "
+            "pass Tap(calls='first'), 'last' or 'all', or tap a module that runs once"
+        )
+    if calls == "first":
+        records = records[:1]
+    elif calls == "last":
+        records = records[-1:]
+    out = []
+    for r in records:
+        if r.version >= 0 and r.tensor._version != r.version:
+            raise CaptureError(
+                f"tap {name!r}: its output was changed in place later in the forward (an "
+                "in-place op such as ReLU(inplace=True) after it), so the head would see other "
+                "features than the module produced; pass Tap(clone=True), or tap the module "
+                "that applies the in-place op"
+            )
+        if grad_enabled and not r.grad_enabled and not detach:
+            raise CaptureError(
+                f"tap {name!r} was captured while autograd was off (inside reentrant activation "
+                "checkpointing, use_reentrant=True, or under torch.no_grad() in the model), so "
+                "its aux loss could not reach the model. Use torch.utils.checkpoint(..., "
+                "use_reentrant=False), tap a module outside the checkpointed part, or pass "
+                "Tap(detach=True) to train the head alone on detached features"
+            )
+        out.append(r.tensor.detach() if detach else r.tensor)
+    return out

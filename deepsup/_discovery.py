@@ -1,0 +1,149 @@
+"""``list_taps``: which modules can be tapped, what they output, and which are stage boundaries."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._channels import _feature_info_entries
+
+__all__ = ["TapInfo", "format_taps", "list_taps"]
+
+_STAGE = re.compile(
+    r"(^|\.)(layer\d+|stages?\.\d+|stages?_\d+|blocks\.\d+|features\.\d+|levels?\.\d+"
+    r"|encoder\.layers?\.\d+|layers\.\d+|res\d+|down\w*\.\d+|dense(block|layer)\d+)\Z"
+)
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """One tappable module, as :func:`list_taps` reports it.
+
+    Attributes:
+        name: the name to pass in ``taps=``.
+        type: the module's class name.
+        output: the output's type, e.g. ``Tensor`` or ``tuple``; empty without an input.
+        shape: the selected tensor's shape, or None.
+        calls: how many times the module ran in the example forward (None without an input).
+        suggested: a stage boundary (timm's ``feature_info``, or a name such as ``layer3``,
+            ``stages.2``, ``features.7``), the usual place for an aux head.
+    """
+
+    name: str
+    type: str
+    output: str = ""
+    shape: tuple[int, ...] | None = None
+    calls: int | None = None
+    suggested: bool = False
+
+
+class _Recorder:
+    """A hook that counts calls and notes the first output (a small object, not a closure)."""
+
+    def __init__(self, name: str, seen: dict[str, list[Any]]) -> None:
+        self.name, self.seen = name, seen
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.seen.setdefault(self.name, []).append(output)
+
+
+@contextmanager
+def _recording(named: dict[str, nn.Module]) -> Iterator[dict[str, list[Any]]]:
+    seen: dict[str, list[Any]] = {}
+    handles = [m.register_forward_hook(_Recorder(n, seen)) for n, m in named.items()]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _stages(model: nn.Module) -> set[str]:
+    found = set()
+    for prefix, m in model.named_modules():
+        for e in _feature_info_entries(getattr(m, "feature_info", None)):
+            found.add(f"{prefix}.{e['module']}" if prefix else str(e["module"]))
+    return found
+
+
+def list_taps(model: nn.Module, example_input: Any = None) -> list[TapInfo]:
+    """List the modules of ``model`` that can be tapped.
+
+    With ``example_input`` (a tensor, a tuple of arguments or a dict of keyword arguments) the
+    model runs once in eval mode without gradient, and each entry tells its output's type and
+    shape and how often the module ran; modules that did not run are listed with ``calls=0``.
+    Tap a module that runs exactly once (or use ``Tap(calls=...)``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        >>> for t in list_taps(model, torch.randn(1, 3, 8, 8)):
+        ...     print(t.name, t.type, t.shape, t.calls)
+        0 Conv2d (1, 8, 6, 6) 1
+        1 ReLU (1, 8, 6, 6) 1
+    """
+    from ._capture import _default_select
+    from .wrapper import _as_call
+
+    named = dict(model.named_modules())
+    named.pop("", None)
+    stages = _stages(model)
+    seen: dict[str, list[Any]] = {}
+    if example_input is not None:
+        modes = [(m, m.training) for m in model.modules()]
+        args, kwargs = _as_call(example_input)
+        try:
+            model.eval()
+            with torch.no_grad(), _recording(named) as seen:
+                model(*args, **kwargs)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+    out = []
+    for name, module in named.items():
+        outputs = seen.get(name, [])
+        first = outputs[0] if outputs else None
+        tensor = _default_select(first) if outputs else None
+        out.append(
+            TapInfo(
+                name=name,
+                type=type(module).__name__,
+                output=type(first).__name__ if outputs else "",
+                shape=tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None,
+                calls=None if example_input is None else len(outputs),
+                suggested=name in stages or bool(_STAGE.search(name)),
+            )
+        )
+    return out
+
+
+def format_taps(infos: list[TapInfo]) -> str:
+    """A plain-text table of :func:`list_taps`' result; ``*`` marks suggested taps.
+
+    Example:
+        >>> print(format_taps([TapInfo("layer3", "Sequential", "Tensor", (1, 256, 8, 8), 1, True)]))
+           name    type        output  shape           calls
+        *  layer3  Sequential  Tensor  (1, 256, 8, 8)  1
+    """
+    rows = [("", "name", "type", "output", "shape", "calls")]
+    for t in infos:
+        rows.append(
+            (
+                "*" if t.suggested else "",
+                t.name,
+                t.type,
+                t.output,
+                "" if t.shape is None else str(t.shape),
+                "" if t.calls is None else str(t.calls),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)

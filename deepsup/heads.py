@@ -1,0 +1,232 @@
+"""Auxiliary heads, and factories that build them from a tapped feature's channel count.
+
+``DeepSupervision(head=...)`` takes a *factory*: a callable ``in_channels -> nn.Module``. The
+functions here return such factories (small, picklable objects with a readable ``repr``); the
+classes are the heads themselves, usable directly.
+
+Example:
+    >>> import torch
+    >>> from deepsup import heads
+    >>> make = heads.seg(num_classes=21)
+    >>> head = make(1024)
+    >>> head(torch.randn(2, 1024, 8, 8)).shape
+    torch.Size([2, 21, 8, 8])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ClassificationHead",
+    "HeadFactory",
+    "SegHead",
+    "TokenHead",
+    "classification",
+    "seg",
+    "tokens",
+]
+
+Layout = Literal["NCHW", "NHWC"]
+HeadFactory = Callable[[int], nn.Module]
+
+
+def _check_layout(layout: str) -> Layout:
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"layout must be 'NCHW' or 'NHWC' (got {layout!r})")
+    return layout  # type: ignore[return-value]
+
+
+def _check_positive(what: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive int (got {value!r})")
+    return value
+
+
+class SegHead(nn.Module):
+    """The PSPNet/FCN auxiliary head: conv3x3 -> BN -> ReLU -> Dropout2d -> conv1x1.
+
+    Args:
+        in_channels: channels of the tapped feature map.
+        num_classes: output channels (classes).
+        hidden: width of the 3x3 conv; ``in_channels // 4`` by default (PSPNet: 1024 -> 256).
+        dropout: Dropout2d probability (PSPNet: 0.1).
+        layout: ``"NHWC"`` for channels-last feature maps (Swin, ConvNeXt stages in timm);
+            they are permuted to NCHW first.
+
+    Shape:
+        - Input: (B, in_channels, H, W), or (B, H, W, in_channels) with ``layout="NHWC"``.
+        - Output: (B, num_classes, H, W).
+
+    Example:
+        >>> import torch
+        >>> head = SegHead(64, num_classes=3)
+        >>> head(torch.randn(2, 64, 5, 5)).shape
+        torch.Size([2, 3, 5, 5])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        hidden: int | None = None,
+        dropout: float = 0.1,
+        layout: Layout = "NCHW",
+    ) -> None:
+        super().__init__()
+        _check_positive("in_channels", in_channels)
+        _check_positive("num_classes", num_classes)
+        hidden = max(in_channels // 4, 1) if hidden is None else _check_positive("hidden", hidden)
+        self.layout = _check_layout(layout)
+        self.conv = nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(hidden)
+        self.relu = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout2d(dropout)
+        self.cls = nn.Conv2d(hidden, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "NHWC":
+            x = x.permute(0, 3, 1, 2)
+        return self.cls(self.dropout(self.relu(self.bn(self.conv(x)))))
+
+
+class ClassificationHead(nn.Module):
+    """Global average pooling and a linear classifier.
+
+    Args:
+        in_channels: channels of the tapped feature.
+        num_classes: number of classes.
+        dropout: dropout before the linear layer.
+        layout: ``"NHWC"`` for channels-last feature maps.
+
+    Shape:
+        - Input: (B, C, *spatial) (any number of spatial dims, or none), or (B, *spatial, C)
+          with ``layout="NHWC"``.
+        - Output: (B, num_classes).
+
+    Example:
+        >>> import torch
+        >>> ClassificationHead(16, num_classes=10)(torch.randn(4, 16, 7, 7)).shape
+        torch.Size([4, 10])
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, *, dropout: float = 0.0, layout: Layout = "NCHW"
+    ) -> None:
+        super().__init__()
+        _check_positive("in_channels", in_channels)
+        _check_positive("num_classes", num_classes)
+        self.layout = _check_layout(layout)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() > 2:
+            dims = tuple(range(1, x.dim() - 1)) if self.layout == "NHWC" else tuple(range(2, x.dim()))
+            x = x.mean(dim=dims)
+        return self.fc(self.dropout(x))
+
+
+class TokenHead(nn.Module):
+    """A classifier for token sequences (B, N, C), as transformer blocks return them.
+
+    Args:
+        in_channels: the embedding width C.
+        num_classes: number of classes.
+        pool: ``"mean"`` averages the tokens, ``"cls"`` takes the first (class) token.
+
+    Shape:
+        - Input: (B, N, C).
+        - Output: (B, num_classes).
+
+    Example:
+        >>> import torch
+        >>> TokenHead(32, num_classes=5, pool="cls")(torch.randn(2, 10, 32)).shape
+        torch.Size([2, 5])
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, *, pool: Literal["mean", "cls"] = "mean"
+    ) -> None:
+        super().__init__()
+        _check_positive("in_channels", in_channels)
+        _check_positive("num_classes", num_classes)
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"pool must be 'mean' or 'cls' (got {pool!r})")
+        self.pool = pool
+        self.norm = nn.LayerNorm(in_channels)
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(
+                f"TokenHead expects tokens of shape (B, N, C) (got {tuple(x.shape)}); "
+                "use heads.seg or heads.classification for feature maps"
+            )
+        x = self.norm(x)
+        x = x[:, 0] if self.pool == "cls" else x.mean(dim=1)
+        return self.fc(x)
+
+
+class _Factory:
+    """A picklable ``in_channels -> nn.Module`` with a constructor-like repr."""
+
+    def __init__(self, name: str, cls: type[nn.Module], **kwargs: Any) -> None:
+        self.name = name
+        self.cls = cls
+        self.kwargs = kwargs
+
+    def __call__(self, in_channels: int) -> nn.Module:
+        return self.cls(in_channels, **self.kwargs)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"heads.{self.name}({args})"
+
+
+def seg(
+    num_classes: int, *, hidden: int | None = None, dropout: float = 0.1, layout: Layout = "NCHW"
+) -> HeadFactory:
+    """A factory of :class:`SegHead` (the PSPNet/FCN auxiliary head).
+
+    Example:
+        >>> seg(21)
+        heads.seg(num_classes=21, hidden=None, dropout=0.1, layout='NCHW')
+        >>> seg(21)(1024).conv.out_channels
+        256
+    """
+    _check_positive("num_classes", num_classes)
+    return _Factory(
+        "seg", SegHead, num_classes=num_classes, hidden=hidden, dropout=dropout, layout=layout
+    )
+
+
+def classification(
+    num_classes: int, *, dropout: float = 0.0, layout: Layout = "NCHW"
+) -> HeadFactory:
+    """A factory of :class:`ClassificationHead` (global pool + linear).
+
+    Example:
+        >>> classification(10)(512).fc
+        Linear(in_features=512, out_features=10, bias=True)
+    """
+    _check_positive("num_classes", num_classes)
+    return _Factory(
+        "classification", ClassificationHead, num_classes=num_classes, dropout=dropout, layout=layout
+    )
+
+
+def tokens(num_classes: int, *, pool: Literal["mean", "cls"] = "mean") -> HeadFactory:
+    """A factory of :class:`TokenHead` (LayerNorm, token pooling, linear) for (B, N, C) outputs.
+
+    Example:
+        >>> tokens(10, pool="cls")(192).pool
+        'cls'
+    """
+    _check_positive("num_classes", num_classes)
+    return _Factory("tokens", TokenHead, num_classes=num_classes, pool=pool)
