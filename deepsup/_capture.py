@@ -105,9 +105,7 @@ class Capture:
 class TapHook:
     """The forward hook of one tap: records the selected tensor of each call in a window."""
 
-    def __init__(
-        self, capture: Capture, name: str, select: Selector | None, clone: bool
-    ) -> None:
+    def __init__(self, capture: Capture, name: str, select: Selector | None, clone: bool) -> None:
         self.capture = capture
         self.name = name
         self.select = select
@@ -121,9 +119,7 @@ class TapHook:
         if self.clone:
             tensor = tensor.clone()
         version = -1 if torch.compiler.is_compiling() else tensor._version
-        records.setdefault(self.name, []).append(
-            Record(tensor, version, torch.is_grad_enabled())
-        )
+        records.setdefault(self.name, []).append(Record(tensor, version, torch.is_grad_enabled()))
         return None
 
     def __repr__(self) -> str:

@@ -17,7 +17,7 @@ __all__ = ["TapInfo", "format_taps", "list_taps"]
 
 _STAGE = re.compile(
     r"(^|\.)(layer\d+|stages?\.\d+|stages?_\d+|blocks\.\d+|features\.\d+|levels?\.\d+"
-    r"|encoder\.layers?\.\d+|layers\.\d+|res\d+|down\w*\.\d+|dense(block|layer)\d+)\Z"
+    r"|encoder\.layers?\.\d+|layers\.\d+|res\d+|denseblock\d+)\Z"
 )
 
 

@@ -6,10 +6,10 @@ fits it, so ``except ValueError`` keeps working for callers that do not know dee
     DeepSupError
     ├── TapNotFoundError        (ValueError)    a tap name matches no submodule
     ├── ChannelInferenceError   (ValueError)    a head's input channels cannot be inferred
-    ├── TargetError             (ValueError)    target= missing, or of the wrong shape after resizing
+    ├── TargetError             (ValueError)    target= missing, or of the wrong shape
     ├── TapOutputError          (TypeError)     the tapped output holds no usable tensor
-    ├── CaptureError            (RuntimeError)  a tap ran 0 or N times, was changed in place,
-    │                                           or was captured without gradient
+    ├── CaptureError            (RuntimeError)  a tap ran 0 or N times, was changed in
+    │                                           place, or was captured without gradient
     └── DeepSupScriptError      (RuntimeError)  torch.jit.script of the wrapper (script unwrap())
 """
 

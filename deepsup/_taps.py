@@ -6,7 +6,7 @@ import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeAlias
 
 from torch import nn
 
@@ -18,7 +18,7 @@ __all__ = ["INHERIT", "Calls", "Selector", "Tap", "TapsArg", "resolve_taps"]
 
 Calls = Literal["error", "first", "last", "all"]
 CALLS = ("error", "first", "last", "all")
-Selector = Union[int, str, Callable[[Any], Any]]
+Selector: TypeAlias = int | str | Callable[[Any], Any]
 
 
 class _Inherit:
@@ -95,7 +95,7 @@ class Tap:
             raise ValueError(f"in_channels must be a positive int (got {self.in_channels!r})")
 
 
-TapsArg = Union[str, Sequence[str], Mapping[str, Union[float, Schedule, Tap]]]
+TapsArg: TypeAlias = str | Sequence[str] | Mapping[str, float | Schedule | Tap]
 
 _GLOB = re.compile(r"[*?\[]")
 
@@ -198,8 +198,6 @@ def resolve_taps(model: nn.Module, taps: TapsArg) -> dict[str, tuple[nn.Module, 
     for name, (module, _, _) in found.items():
         other = seen.setdefault(id(module), name)
         if other != name:
-            raise ValueError(
-                f"taps {other!r} and {name!r} are the same module object; tap it once"
-            )
+            raise ValueError(f"taps {other!r} and {name!r} are the same module object; tap it once")
     ordered = sorted(found, key=order.__getitem__)
     return {n: (found[n][0], found[n][1]) for n in ordered}

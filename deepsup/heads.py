@@ -92,7 +92,8 @@ class SegHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "NHWC":
             x = x.permute(0, 3, 1, 2)
-        return self.cls(self.dropout(self.relu(self.bn(self.conv(x)))))
+        out: torch.Tensor = self.cls(self.dropout(self.relu(self.bn(self.conv(x)))))
+        return out
 
 
 class ClassificationHead(nn.Module):
@@ -127,9 +128,12 @@ class ClassificationHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() > 2:
-            dims = tuple(range(1, x.dim() - 1)) if self.layout == "NHWC" else tuple(range(2, x.dim()))
+            dims = (
+                tuple(range(1, x.dim() - 1)) if self.layout == "NHWC" else tuple(range(2, x.dim()))
+            )
             x = x.mean(dim=dims)
-        return self.fc(self.dropout(x))
+        out: torch.Tensor = self.fc(self.dropout(x))
+        return out
 
 
 class TokenHead(nn.Module):
@@ -170,7 +174,8 @@ class TokenHead(nn.Module):
             )
         x = self.norm(x)
         x = x[:, 0] if self.pool == "cls" else x.mean(dim=1)
-        return self.fc(x)
+        out: torch.Tensor = self.fc(x)
+        return out
 
 
 class _Factory:
@@ -201,6 +206,7 @@ def seg(
         256
     """
     _check_positive("num_classes", num_classes)
+    _check_layout(layout)
     return _Factory(
         "seg", SegHead, num_classes=num_classes, hidden=hidden, dropout=dropout, layout=layout
     )
@@ -216,8 +222,13 @@ def classification(
         Linear(in_features=512, out_features=10, bias=True)
     """
     _check_positive("num_classes", num_classes)
+    _check_layout(layout)
     return _Factory(
-        "classification", ClassificationHead, num_classes=num_classes, dropout=dropout, layout=layout
+        "classification",
+        ClassificationHead,
+        num_classes=num_classes,
+        dropout=dropout,
+        layout=layout,
     )
 
 
@@ -229,4 +240,6 @@ def tokens(num_classes: int, *, pool: Literal["mean", "cls"] = "mean") -> HeadFa
         'cls'
     """
     _check_positive("num_classes", num_classes)
+    if pool not in ("mean", "cls"):
+        raise ValueError(f"pool must be 'mean' or 'cls' (got {pool!r})")
     return _Factory("tokens", TokenHead, num_classes=num_classes, pool=pool)

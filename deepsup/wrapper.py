@@ -95,9 +95,7 @@ def _as_call(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (example_input,), {}
 
 
-def dry_run(
-    model: nn.Module, capture: Capture, example_input: Any
-) -> dict[str, list[Record]]:
+def dry_run(model: nn.Module, capture: Capture, example_input: Any) -> dict[str, list[Record]]:
     """Run the model once in eval mode without gradient inside a capture window.
 
     Every module's ``training`` flag is restored afterwards, so a partially frozen model keeps
@@ -180,6 +178,8 @@ class DeepSupervision(nn.Module):
         True
     """
 
+    _weight_values: torch.Tensor
+
     def __init__(
         self,
         model: nn.Module,
@@ -255,7 +255,9 @@ class DeepSupervision(nn.Module):
             if isinstance(tap.head, nn.Module):
                 uses[id(tap.head)] = uses.get(id(tap.head), 0) + 1
         need = [
-            n for n, t in self.taps.items() if t.head is not None and not isinstance(t.head, nn.Module)
+            n
+            for n, t in self.taps.items()
+            if t.head is not None and not isinstance(t.head, nn.Module)
         ]
         shapes: dict[str, torch.Size] = {}
         if example_input is not None and need:
