@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -89,6 +90,12 @@ class TrainOnlyBranch(nn.Module):
         if self.training:
             h = h + 0 * self.extra(h)
         return self.out(h)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest -n N: share the cores between the workers instead of oversubscribing them
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 
 @pytest.fixture(autouse=True)
