@@ -122,7 +122,8 @@ class SeedPSPNet(nn.Module):
         self, x: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x_size = x.size()
-        assert (x_size[2] - 1) % 8 == 0 and (x_size[3] - 1) % 8 == 0
+        assert (x_size[2] - 1) % 8 == 0
+        assert (x_size[3] - 1) % 8 == 0
         h = int((x_size[2] - 1) / 8 * self.zoom_factor + 1)
         w = int((x_size[3] - 1) / 8 * self.zoom_factor + 1)
 

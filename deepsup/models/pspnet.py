@@ -420,7 +420,8 @@ def _build_timm(
     if weights is not None:
         # timm's own pretrained-weights code (filters, classifier removal, features wrapping)
         # reads the state_dict from the config overlay: nothing is downloaded.
-        overlay = {"state_dict": _read_state_dict(weights)}
+        state = _read_state_dict(weights)
+        overlay = {"state_dict": dict(state)}
         try:
             model = timm.create_model(
                 name, **(kwargs | {"pretrained": True}), pretrained_cfg_overlay=overlay
@@ -431,6 +432,21 @@ def _build_timm(
                 f"({type(e).__name__}: {str(e).strip()}); expected a state_dict of "
                 f"timm.create_model({name!r})"
             ) from e
+        # timm loads features models non-strictly (its classifier is gone): check that every
+        # tensor of the backbone came from the file. Features wrappers flatten the first name
+        # ("stages.2" -> "stages_2").
+        missing = []
+        for key in model.state_dict():
+            head, _, rest = key.partition(".")
+            flat = head.replace("_", ".") + "." + rest
+            if key not in state and flat not in state:
+                missing.append(key)
+        if missing:
+            raise WeightsError(
+                f"weights file {os.fspath(weights)!r} does not fit the timm model {name!r}: "
+                f"missing keys {_list_keys(missing)}. Expected a state_dict of "
+                f"timm.create_model({name!r})"
+            )
     info = model.feature_info
     module_name = info.module_name()[-2]
     channels = info.channels()
