@@ -72,6 +72,9 @@ class Capture:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        # Set up front (not only by window()), so torch.compile guards on the same attribute
+        # state in the first and later calls: one compile per mode, not two.
+        self._local.records = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -81,6 +84,7 @@ class Capture:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+        self._local.records = None
 
     def records(self) -> dict[str, list[Record]] | None:
         """The open window of this thread, or None."""
@@ -132,9 +136,10 @@ def check_records(
     """Validate one tap's captures after the model's forward; return the tensors to use."""
     if not records:
         raise CaptureError(
-            f"tap {name!r} did not run in this training forward. Is it skipped in training, or "
-            "called through `.forward()` (which bypasses hooks)? `deepsup.list_taps(model, "
-            "example_input)` shows which modules run"
+            f"tap {name!r} did not run in this training forward. Is it skipped in training, "
+            "called through `.forward()` (which bypasses hooks), or replaced after wrapping "
+            "(SyncBatchNorm conversion, fusion, quantization: convert first, then wrap)? "
+            "`deepsup.list_taps(model, example_input)` shows which modules run"
         )
     if len(records) > 1 and calls == "error":
         raise CaptureError(

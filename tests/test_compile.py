@@ -194,11 +194,6 @@ def test_toggling_train_eval_does_not_recompile() -> None:
     assert backend.compiles == warm
 
 
-@pytest.mark.xfail(
-    reason="core: the first training call guards on `not hasattr(Capture._local, 'records')`; "
-    "the window leaves `records = None` behind, so the second training call compiles again",
-    strict=True,
-)
 def test_one_compile_per_mode() -> None:
     backend = CountingBackend()
     sup = tiny_sup()
