@@ -41,7 +41,7 @@ Sample = tuple[torch.Tensor, torch.Tensor]
 
 
 def voc_palette() -> list[int]:
-    """VOC's 256-colour map as a flat ``[r0, g0, b0, r1, ...]`` list (index 255 is the border colour)."""
+    """VOC's 256-colour map as a flat ``[r0, g0, b0, r1, ...]`` list (255: the border colour)."""
     palette = []
     for index in range(256):
         r = g = b = 0
@@ -128,7 +128,7 @@ def read_list_file(
 
 
 class VOCSegDataset(Dataset[Sample]):
-    """Image/label pairs with a joint transform; every path is checked up front, every label on load.
+    """Image/label pairs and a joint transform; paths are checked up front, labels on load.
 
     Args:
         images: image paths (JPEG or any RGB image).
@@ -207,7 +207,7 @@ def to_tensor(
 
 
 def _uniform(low: float, high: float) -> float:
-    # torch's RNG (not `random`), so DataLoader seeds workers and checkpoints capture main-process state
+    # torch's RNG (not `random`): DataLoader seeds it per worker, checkpoints save it
     return low + (high - low) * torch.rand(()).item()
 
 
@@ -340,7 +340,9 @@ def _texture(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     return np.ones((h, w))
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], **kw: int) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], **kw: int
+) -> None:
     x0, y0, x1, y1 = box
     if shape == "ellipse":
         draw.ellipse(box, **kw)
@@ -350,7 +352,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         draw.rectangle(box, **kw)
 
 
-def _synthetic_sample(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _synthetic_sample(
+    rng: np.random.Generator, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     h = int(rng.integers(size[0], size[1] + 1))
     w = int(rng.integers(size[0], size[1] + 1))
     # background: a coarse random grey-ish grid, smoothly upsampled
@@ -363,7 +367,9 @@ def _synthetic_sample(rng: np.random.Generator, size: tuple[int, int]) -> tuple[
         cls = classes[int(rng.integers(len(classes)))]
         colour, shape, texture = SYNTHETIC_CLASSES[cls]
         side = rng.uniform(0.3, 0.65) * min(h, w)
-        bw, bh = (side * 0.6, side * 1.3) if shape == "tall" else (side, side * rng.uniform(0.7, 1.1))
+        bw, bh = (
+            (side * 0.6, side * 1.3) if shape == "tall" else (side, side * rng.uniform(0.7, 1.1))
+        )
         x0, y0 = rng.uniform(-0.2 * bw, w - 0.8 * bw), rng.uniform(-0.2 * bh, h - 0.8 * bh)
         box = (int(x0), int(y0), int(x0 + bw), int(y0 + bh))
         fill_mask, edge_mask = Image.new("L", (w, h), 0), Image.new("L", (w, h), 0)
@@ -416,7 +422,9 @@ def generate_synthetic_voc(
         png.save(voc / "SegmentationClass" / f"{image_id}.png")
     lists = {"train": ids[:num_train], "val": ids[num_train:], "trainval": ids}
     for split, split_ids in lists.items():
-        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(split_ids) + "\n")
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text(
+            "\n".join(split_ids) + "\n"
+        )
     (tmp / "synthetic.json").write_text(json.dumps(params))
     shutil.rmtree(root, ignore_errors=True)
     try:
