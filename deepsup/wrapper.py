@@ -349,15 +349,22 @@ class DeepSupervision(nn.Module):
         """The current weight of each tap."""
         return {n: self._schedule(n)(self._progress) for n in self.taps}
 
-    def get_extra_state(self) -> dict[str, int]:
-        return {"progress": self._progress}
+    def get_extra_state(self) -> torch.Tensor:
+        """The progress, saved as ``_extra_state`` (a tensor, so every exporter copes)."""
+        return torch.tensor(self._progress, dtype=torch.int64)
 
     def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, Mapping) or "progress" not in state:
+        """Restore the progress from ``_extra_state`` (a tensor, or ``{"progress": int}``)."""
+        if isinstance(state, Mapping) and "progress" in state:
+            state = state["progress"]
+        if isinstance(state, torch.Tensor) and state.numel() == 1:
+            state = state.item()
+        if isinstance(state, bool) or not isinstance(state, int):
             raise ValueError(
-                f"a DeepSupervision checkpoint's _extra_state must hold 'progress' (got {state!r})"
+                "a DeepSupervision checkpoint's _extra_state must be the progress, an int "
+                f"tensor (got {state!r})"
             )
-        self.progress = int(state["progress"])
+        self.progress = state
 
     # forward -----------------------------------------------------------------------------
 

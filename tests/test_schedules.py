@@ -78,7 +78,7 @@ def test_resumed_wrapper_continues_with_the_right_weight() -> None:
     sup = _wrapper(MLP())
     sup.step(7)
     state = sup.state_dict()
-    assert state["_extra_state"] == {"progress": 7}
+    assert int(state["_extra_state"]) == 7
     resumed = _wrapper(MLP())
     resumed.load_state_dict(state)
     assert resumed.progress == 7
