@@ -511,7 +511,7 @@ def save_overlays(
     args: argparse.Namespace,
     device: torch.device,
 ) -> None:
-    """Image | ground truth | prediction, labels blended over the image in VOC colours."""
+    """Image | ground truth | prediction; object classes in VOC colours over the image."""
     from PIL import Image
 
     net.eval()
@@ -521,10 +521,18 @@ def save_overlays(
         x, _ = EvalTransform()(image, label)
         with autocast(args, device):
             pred = net(x[None].to(device)).argmax(1)[0].cpu().numpy()
-        panels = [image] + [Image.blend(image, colorize(m), 0.6) for m in (np.array(label), pred)]
-        canvas = Image.new("RGB", (3 * image.width, image.height))
+        panels = [image]
+        for mask in (np.array(label), pred):
+            shown = Image.fromarray(((mask != 0) * 255).astype(np.uint8))
+            panels.append(Image.composite(Image.blend(image, colorize(mask), 0.7), image, shown))
+        gap = 4
+        canvas = Image.new("RGB", (3 * image.width + 2 * gap, image.height), "white")
         for i, panel in enumerate(panels):
-            canvas.paste(panel, (i * image.width, 0))
+            canvas.paste(panel, (i * (image.width + gap), 0))
+        if canvas.height < 240:  # small (synthetic) images: enlarge for viewing
+            scale = 240 / canvas.height
+            size = (round(canvas.width * scale), 240)
+            canvas = canvas.resize(size, Image.Resampling.NEAREST)
         canvas.save(out / f"{Path(dataset.images[index]).stem}.png")
 
 
