@@ -261,7 +261,11 @@ def command_line() -> str:
         shown = str(script.relative_to(ROOT))
     except ValueError:
         shown = str(script)
-    return shlex.join(["python", shown, *sys.argv[1:]])
+    args = list(sys.argv[1:])
+    if "--out" in args:  # where run_all.py collects the section: not part of the benchmark
+        i = args.index("--out")
+        del args[i : i + 2]
+    return shlex.join(["python", shown, *args])
 
 
 # command line -----------------------------------------------------------------------------
