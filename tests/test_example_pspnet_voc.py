@@ -193,12 +193,17 @@ def run(out: Path, cache: Path, *extra: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("aux_weight", ["0.4", "0"], ids=["deep-supervision", "plain"])
-def test_tiny_run_writes_every_output(cache_dir: Path, tmp_path: Path, aux_weight: str) -> None:
+@pytest.mark.parametrize(
+    ("aux_weight", "amp"), [("0.4", False), ("0", True)], ids=["deep-supervision", "plain-amp"]
+)
+def test_tiny_run_writes_every_output(
+    cache_dir: Path, tmp_path: Path, aux_weight: str, amp: bool
+) -> None:
     from deepsup.models import PSPNet
 
     out = tmp_path / "out"
-    result = run(out, cache_dir, "--epochs", "2", "--aux-weight", aux_weight)
+    extra = ["--amp"] if amp else []  # bf16 autocast on CPU
+    result = run(out, cache_dir, "--epochs", "2", "--aux-weight", aux_weight, *extra)
     assert 0.0 <= result["miou"] <= 1.0
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
