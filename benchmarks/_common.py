@@ -101,6 +101,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = "wall"  # set by setup() from --clock
+
+
 def interleave(
     variants: Mapping[str, Callable[[], Any]],
     *,
@@ -108,6 +112,7 @@ def interleave(
     warmup: int = 2,
     inner: int = 1,
     device: torch.device | str = "cpu",
+    clock: str | None = None,
 ) -> dict[str, list[float]]:
     """Time ``variants`` in interleaved rounds; return seconds per call for each round.
 
@@ -115,8 +120,13 @@ def interleave(
     pair of rounds and every other round is reversed, so each variant sits in each position
     equally often. Each sample is ``inner`` calls timed together (divided by ``inner``). The
     garbage collector is run before and disabled during each sample, as ``timeit`` does.
+    ``clock`` is ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``: this
+    process's CPU time, which leaves out the time other processes take from a busy machine; use
+    it with one torch thread, since with more it also counts OpenMP's spin-waiting); the
+    default is the ``--clock`` option.
     """
     device = torch.device(device)
+    now = CLOCKS[clock or _clock]
     names = list(variants)
     for _ in range(warmup):
         for name in names:
@@ -134,11 +144,11 @@ def interleave(
             gc.disable()
             try:
                 synchronize(device)
-                t0 = time.perf_counter()
+                t0 = now()
                 for _ in range(inner):
                     fn()
                 synchronize(device)
-                dt = time.perf_counter() - t0
+                dt = now() - t0
             finally:
                 gc.enable()
             times[name].append(dt / inner)
@@ -286,11 +296,20 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
     )
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (steadier on a busy machine; "
+        "use with --threads 1)",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the markdown section here")
     return p
 
 
 def setup(args: argparse.Namespace) -> torch.device:
+    global _clock
+    _clock = args.clock
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -323,10 +342,11 @@ def emit(
     targets: Sequence[Target] = (),
 ) -> str:
     """Print the section and write it to ``--out`` (its targets to the same path + ``.json``)."""
+    clock = "" if args.clock == "wall" else f"; clock: {args.clock} (process CPU time)"
     section = (
         f"## {title}\n\n"
         f"`{command_line()}` (took {time.perf_counter() - started:.0f} s; "
-        f"load average at the end {loadavg()})\n\n{body.strip()}\n"
+        f"load average at the end {loadavg()}{clock})\n\n{body.strip()}\n"
     )
     print(section)
     if args.out is not None:

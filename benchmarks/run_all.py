@@ -64,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--only", default=None, help=f"comma-separated subset of {list(BENCHMARKS)}")
     p.add_argument("--output", type=Path, default=DOCS_PAGE, help="the markdown page to write")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every benchmark")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="see --help of each")
     p.add_argument("--max-load", type=float, default=None, help="wait for a lower load first")
     p.add_argument("--wait", type=float, default=3600.0, help="seconds to wait at most for it")
     args = p.parse_args(argv)
@@ -85,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 cmd.append("--quick")
             if args.threads is not None:
                 cmd += ["--threads", str(args.threads)]
+            if args.clock != "wall":
+                cmd += ["--clock", args.clock]
             print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
             subprocess.run(cmd, check=True, cwd=ROOT)
             sections.append(out.read_text())
