@@ -89,8 +89,28 @@ def paired_diff(times: Mapping[str, Sequence[float]], base: str, other: str) -> 
     return Stats.of([b - a for a, b in zip(times[base], times[other], strict=True)])
 
 
-def verdict(ok: bool) -> str:
-    return "met" if ok else "**missed**"
+def verdict(met: bool | None) -> str:
+    if met is None:
+        return "not resolved (noise: the IQR includes 1.00x)"
+    return "met" if met else "**missed**"
+
+
+def ratio_met(stats: Stats, target: float) -> bool | None:
+    """A time ratio's verdict: met if the median is within ``target``; missed if not and the
+    lower quartile is above 1 too (an overhead shows in most rounds); else not resolved (the
+    machine's noise is larger than the difference to resolve)."""
+    if stats.median <= target:
+        return True
+    return False if stats.q1 > 1.0 else None
+
+
+def time_target(what: str, stats: Stats, target: float, digits: int = 3) -> Target:
+    return Target(
+        what,
+        f"{stats.median:.{digits}f}x [{stats.q1:.{digits}f}, {stats.q3:.{digits}f}]",
+        f"<= {target}x",
+        ratio_met(stats, target),
+    )
 
 
 # timing -----------------------------------------------------------------------------------
@@ -330,7 +350,7 @@ class Target:
     what: str
     measured: str
     target: str
-    met: bool
+    met: bool | None  # None: not resolved by this measurement
 
 
 def emit(

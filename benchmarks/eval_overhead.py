@@ -25,6 +25,7 @@ from _common import (
     pick,
     setup,
     table,
+    time_target,
     tree_equal,
     verdict,
 )
@@ -79,12 +80,7 @@ def bench(
     diff = paired_diff(times, "bare", "deepsup")
     extra = peaks["deepsup"] - peaks["bare"]
     targets = [
-        Target(
-            f"eval time, {name}",
-            f"{ratio.median:.4f}x [{ratio.q1:.4f}, {ratio.q3:.4f}]",
-            f"<= {TIME_TARGET}x",
-            ratio.median <= TIME_TARGET,
-        ),
+        time_target(f"eval time, {name}", ratio, TIME_TARGET, digits=4),
         Target(f"eval extra peak memory, {name}", f"{extra:+d} B", "0 B", extra <= 0),
         Target(f"eval outputs torch.equal, {name}", str(equal), "True", equal),
     ]
@@ -96,7 +92,7 @@ def bench(
         f"**{ratio.fmt(digits=4)}**",
         f"{ratio.lo:.4f}-{ratio.hi:.4f}",
         diff.fmt(1e6, 1, " µs"),
-        verdict(ratio.median <= TIME_TARGET),
+        verdict(targets[0].met),
         fmt_bytes(peaks["bare"]),
         f"{extra:+d} B",
         verdict(extra <= 0),

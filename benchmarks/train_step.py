@@ -23,6 +23,7 @@ from _common import (
     pick,
     setup,
     table,
+    time_target,
     verdict,
 )
 from _models import PAIRS, Pair, batch
@@ -98,12 +99,7 @@ def bench_pair(
     ratio = paired(times, "hand-written", "deepsup")
     mem_ratio = peaks["deepsup"] / peaks["hand-written"]
     targets = [
-        Target(
-            f"train step time, {pair.name}",
-            f"{ratio.median:.3f}x [{ratio.q1:.3f}, {ratio.q3:.3f}]",
-            f"<= {TIME_TARGET:.2f}x",
-            ratio.median <= TIME_TARGET,
-        ),
+        time_target(f"train step time, {pair.name}", ratio, TIME_TARGET),
         Target(
             f"train step peak memory, {pair.name}",
             f"{mem_ratio:.4f}x",
@@ -118,7 +114,7 @@ def bench_pair(
         fmt_time(Stats.of(times["deepsup"])),
         f"**{ratio.fmt(digits=3)}**",
         f"{ratio.lo:.3f}-{ratio.hi:.3f}",
-        verdict(ratio.median <= TIME_TARGET),
+        verdict(targets[0].met),
         fmt_bytes(peaks["hand-written"]),
         fmt_bytes(peaks["deepsup"]),
         f"**{mem_ratio:.4f}**",
