@@ -292,9 +292,10 @@ def command_line() -> str:
     except ValueError:
         shown = str(script)
     args = list(sys.argv[1:])
-    if "--out" in args:  # where run_all.py collects the section: not part of the benchmark
-        i = args.index("--out")
-        del args[i : i + 2]
+    for option in ("--out", "--output"):  # where the markdown goes: not part of the benchmark
+        if option in args:
+            i = args.index(option)
+            del args[i : i + 2]
     return shlex.join(["python", shown, *args])
 
 
