@@ -69,7 +69,20 @@ class Constant(Schedule):
         return self.value
 
 
-class LinearDecay(Schedule):
+class _Decay(Schedule):
+    """A decay from ``start`` at step 0 to ``end`` at step ``total``, then ``end``."""
+
+    def __init__(self, start: float, total: int, end: float = 0.0) -> None:
+        self.start = _check_nonneg("start", start)
+        self.total = _check_total(total)
+        self.end = _check_nonneg("end", end)
+
+    def _fraction(self, step: int) -> float:
+        """How far along the decay ``step`` is, in [0, 1]."""
+        return min(max(step, 0), self.total) / self.total
+
+
+class LinearDecay(_Decay):
     """From ``start`` at step 0 linearly to ``end`` at step ``total``, then ``end``.
 
     DSN's companion objectives fade out this way.
@@ -79,17 +92,11 @@ class LinearDecay(Schedule):
         0.75
     """
 
-    def __init__(self, start: float, total: int, end: float = 0.0) -> None:
-        self.start = _check_nonneg("start", start)
-        self.total = _check_total(total)
-        self.end = _check_nonneg("end", end)
-
     def __call__(self, step: int) -> float:
-        t = min(max(step, 0), self.total) / self.total
-        return self.start + (self.end - self.start) * t
+        return self.start + (self.end - self.start) * self._fraction(step)
 
 
-class CosineDecay(Schedule):
+class CosineDecay(_Decay):
     """From ``start`` at step 0 along a half cosine to ``end`` at step ``total``, then ``end``.
 
     Example:
@@ -97,13 +104,8 @@ class CosineDecay(Schedule):
         0.5
     """
 
-    def __init__(self, start: float, total: int, end: float = 0.0) -> None:
-        self.start = _check_nonneg("start", start)
-        self.total = _check_total(total)
-        self.end = _check_nonneg("end", end)
-
     def __call__(self, step: int) -> float:
-        t = min(max(step, 0), self.total) / self.total
+        t = self._fraction(step)
         value = self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * t))
         return round(value, 12)
 
