@@ -27,6 +27,21 @@ class TinyCNN(nn.Module):
         return nn.functional.interpolate(y, size=size, mode="bilinear", align_corners=False)
 
 
+class ConvNet(nn.Module):
+    """A small segmentation-style CNN: (B, 3, H, W) -> (B, num_classes, H, W), no in-place ops."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage1 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16))
+        self.stage2 = nn.Sequential(nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1))
+        self.cls = nn.Conv2d(32, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cls(self.stage2(self.stage1(self.stem(x))))
+        return nn.functional.interpolate(y, size=x.shape[-2:], mode="bilinear")
+
+
 class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()

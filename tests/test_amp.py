@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torchvision.models as tvm
+from conftest import ConvNet
 from torch import nn
 
 from deepsup import DeepSupervision, heads
@@ -21,23 +22,8 @@ NUM_CLASSES = 3
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-class ConvNet(nn.Module):
-    """A small segmentation-style CNN: (B, 3, H, W) -> (B, NUM_CLASSES, H, W)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.stage1 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16))
-        self.stage2 = nn.Sequential(nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1))
-        self.cls = nn.Conv2d(32, NUM_CLASSES, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.cls(self.stage2(self.stage1(self.stem(x))))
-        return nn.functional.interpolate(y, size=x.shape[-2:], mode="bilinear")
-
-
 def _convnet() -> tuple[nn.Module, dict[str, float], Callable[[int], nn.Module], bool]:
-    return ConvNet(), {"stage1": 0.4}, heads.seg(NUM_CLASSES), True
+    return ConvNet(NUM_CLASSES), {"stage1": 0.4}, heads.seg(NUM_CLASSES), True
 
 
 def _resnet18() -> tuple[nn.Module, dict[str, float], Callable[[int], nn.Module], bool]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.models as tvm
+from conftest import ConvNet
 from torch import nn
 
 import deepsup
@@ -27,21 +28,8 @@ NUM_CLASSES = 4
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 
 
-class ConvNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.stage1 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16))
-        self.stage2 = nn.Sequential(nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1))
-        self.cls = nn.Conv2d(32, NUM_CLASSES, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.cls(self.stage2(self.stage1(self.stem(x))))
-        return nn.functional.interpolate(y, size=x.shape[-2:], mode="bilinear")
-
-
 MODELS = {
-    "convnet": (ConvNet, {"stage1": 0.4, "stage2": 0.2}),
+    "convnet": (functools.partial(ConvNet, NUM_CLASSES), {"stage1": 0.4, "stage2": 0.2}),
     "resnet18": (lambda: tvm.resnet18(weights=None, num_classes=NUM_CLASSES), {"layer3": 0.4}),
 }
 
