@@ -56,6 +56,8 @@ class Tap:
             is used as is, and a tuple/list/dict/dataclass gives its first element.
         resize: ``"prediction"``, ``"target"`` or ``None`` (see :class:`DeepSupervision`).
         align_corners: for ``resize="prediction"``.
+        interpolation: how the prediction is upsampled or the target downsampled (see
+            :class:`DeepSupervision`); ``None`` takes the wrapper's.
         in_channels: the tapped feature's channel count, when it cannot be inferred.
         calls: what to do when the module runs more than once in one forward: ``"error"``,
             or use the ``"first"``, the ``"last"`` or ``"all"`` calls (the mean of their losses).
@@ -77,6 +79,7 @@ class Tap:
     select: Selector | None = None
     resize: Resize = INHERIT
     align_corners: bool | None = None
+    interpolation: str | None = None
     in_channels: int | None = None
     calls: Calls | None = None
     clone: bool | None = None

@@ -13,7 +13,7 @@ from torch import nn
 from ._capture import Capture, Record, TapHook, check_records
 from ._channels import channel_dim, from_feature_info, from_last_layer
 from ._errors import ChannelInferenceError, DeepSupError, DeepSupScriptError, TargetError
-from ._resize import Resize, check_resize, reconcile
+from ._resize import Resize, check_interpolation, check_resize, reconcile
 from ._taps import CALLS, INHERIT, Calls, Tap, TapsArg, resolve_taps
 from .schedules import Schedule, as_schedule
 
@@ -141,6 +141,14 @@ class DeepSupervision(nn.Module):
             equal sizes.
         align_corners: ``align_corners`` of the bilinear upsampling (the PSPNet reference uses
             True, torchvision's segmentation models False).
+        interpolation: with ``resize="prediction"``, the ``F.interpolate`` mode of the
+            upsampling: ``"linear"`` (default: bi/trilinear by the number of spatial dims),
+            ``"nearest"`` (MONAI's DynUNet), ``"nearest-exact"``, ``"area"``, ``"bicubic"``. With
+            ``resize="target"``, how the target is downsampled: ``"nearest"`` (default),
+            ``"nearest-exact"`` (MONAI's ``DeepSupervisionLoss``, nnU-Net v2), ``"soft"`` (the
+            fraction of each class per cell, for criteria that take probabilities) or ``"max"``
+            (a cell is positive where any pixel is). Taps at the same scale share one
+            downsampled target per forward. See ``docs/unet.md``.
         example_input: an input (a tensor, a tuple of positional arguments or a dict of keyword
             arguments) for one dry run at construction (eval mode, no gradient) that infers the
             heads' input channels exactly. Without it, channels come from timm's
@@ -192,6 +200,7 @@ class DeepSupervision(nn.Module):
         criterion: Callable[..., Any] | None = None,
         resize: Resize = "prediction",
         align_corners: bool = False,
+        interpolation: str | None = None,
         example_input: Any = None,
         calls: Calls = "error",
         clone: bool = False,
@@ -215,11 +224,15 @@ class DeepSupervision(nn.Module):
         resolved = resolve_taps(model, taps)
         self.taps: dict[str, Tap] = {}
         for name, (_, tap) in resolved.items():
+            tap_resize = resize if tap.resize is INHERIT else check_resize(tap.resize)
             self.taps[name] = replace(
                 tap,
                 weight=as_schedule(tap.weight),
                 criterion=criterion if tap.criterion is INHERIT else tap.criterion,
-                resize=resize if tap.resize is INHERIT else check_resize(tap.resize),
+                resize=tap_resize,
+                interpolation=check_interpolation(
+                    tap_resize, interpolation if tap.interpolation is None else tap.interpolation
+                ),
                 align_corners=align_corners if tap.align_corners is None else tap.align_corners,
                 calls=calls if tap.calls is None else tap.calls,
                 clone=clone if tap.clone is None else tap.clone,
@@ -401,6 +414,7 @@ class DeepSupervision(nn.Module):
     def _aux(self, captured: dict[str, list[torch.Tensor]], target: Any) -> AuxLosses:
         losses: dict[str, Any] = {}
         raw: dict[str, Any] = {}
+        pyramid: dict[Any, torch.Tensor] = {}  # this forward's downsampled targets, shared
         for i, (name, tap) in enumerate(self.taps.items()):
             head = self.heads[name]
             preds = [self._run_head(name, tap, head, f) for f in captured[name]]
@@ -408,7 +422,7 @@ class DeepSupervision(nn.Module):
                 losses[name] = raw[name] = preds if tap.calls == "all" else preds[0]
                 continue
             tap_target = self._target_for(name, target)
-            values = [self._loss(name, tap, p, tap_target) for p in preds]
+            values = [self._loss(name, tap, p, tap_target, pyramid) for p in preds]
             loss = values[0] if len(values) == 1 else torch.stack(values).mean()
             # detached: a logging view. Keeping it in the graph costs a compiled train step an
             # extra output that needs grad (measured: 1.13x time, +23% peak memory; see
@@ -449,12 +463,20 @@ class DeepSupervision(nn.Module):
             return target[name]
         return target
 
-    def _loss(self, name: str, tap: Tap, pred: Any, target: Any) -> torch.Tensor:
+    def _loss(
+        self, name: str, tap: Tap, pred: Any, target: Any, pyramid: dict[Any, torch.Tensor]
+    ) -> torch.Tensor:
         criterion = tap.criterion
         assert criterion is not None
         if isinstance(pred, torch.Tensor) and isinstance(target, torch.Tensor):
             pred, target = reconcile(
-                pred, target, resize=tap.resize, align_corners=bool(tap.align_corners), tap=name
+                pred,
+                target,
+                resize=tap.resize,
+                align_corners=bool(tap.align_corners),
+                tap=name,
+                interpolation=tap.interpolation,
+                pyramid=pyramid,
             )
         try:
             loss = criterion(pred, target)
