@@ -13,12 +13,14 @@ Example:
 """
 
 from . import heads as heads
+from . import multiscale as multiscale
 from . import schedules as schedules
 from ._discovery import TapInfo as TapInfo
 from ._discovery import format_taps as format_taps
 from ._discovery import list_taps as list_taps
 from ._errors import CaptureError as CaptureError
 from ._errors import ChannelInferenceError as ChannelInferenceError
+from ._errors import ConfigError as ConfigError
 from ._errors import DeepSupError as DeepSupError
 from ._errors import DeepSupScriptError as DeepSupScriptError
 from ._errors import DeepSupWarning as DeepSupWarning
@@ -37,6 +39,7 @@ __all__ = [
     "AuxLosses",
     "CaptureError",
     "ChannelInferenceError",
+    "ConfigError",
     "DeepSupError",
     "DeepSupScriptError",
     "DeepSupWarning",
@@ -52,6 +55,7 @@ __all__ = [
     "heads",
     "list_taps",
     "model_state_dict",
+    "multiscale",
     "param_groups",
     "schedules",
 ]

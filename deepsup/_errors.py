@@ -4,6 +4,8 @@ Every error deepsup raises on purpose subclasses :class:`DeepSupError` *and* the
 fits it, so ``except ValueError`` keeps working for callers that do not know deepsup::
 
     DeepSupError
+    ├── ConfigError             (ValueError)    an argument or Tap setting has a bad value
+    │                                           (interpolation=, a scale_weights rule)
     ├── TapNotFoundError        (ValueError)    a tap name matches no submodule
     ├── ChannelInferenceError   (ValueError)    a head's input channels cannot be inferred
     ├── TargetError             (ValueError)    target= missing, or of the wrong shape
@@ -18,6 +20,7 @@ from __future__ import annotations
 __all__ = [
     "CaptureError",
     "ChannelInferenceError",
+    "ConfigError",
     "DeepSupError",
     "DeepSupScriptError",
     "DeepSupWarning",
@@ -34,6 +37,10 @@ class DeepSupError(Exception):
         >>> issubclass(TapNotFoundError, DeepSupError) and issubclass(TapNotFoundError, ValueError)
         True
     """
+
+
+class ConfigError(DeepSupError, ValueError):
+    """An argument of :class:`~deepsup.DeepSupervision` or a :class:`~deepsup.Tap` is bad."""
 
 
 class TapNotFoundError(DeepSupError, ValueError):

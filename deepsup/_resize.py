@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from ._errors import TargetError
+from ._errors import ConfigError, TargetError
 from ._target_modes import downsample_target_as
 
 Resize = Literal["prediction", "target"] | None
@@ -28,7 +28,7 @@ def check_interpolation(resize: Resize, interpolation: object) -> str | None:
     """
     if resize is None:
         if interpolation is not None:
-            raise TargetError(
+            raise ConfigError(
                 f"interpolation={interpolation!r} has no effect with resize=None (predictions "
                 "and targets must then have equal sizes); pass resize='prediction' or 'target'"
             )
@@ -44,7 +44,7 @@ def check_interpolation(resize: Resize, interpolation: object) -> str | None:
             if interpolation in other
             else ""
         )
-        raise TargetError(
+        raise ConfigError(
             f"interpolation={interpolation!r} is not a mode of resize={resize!r}{hint}; "
             f"choose one of {modes}"
         )

@@ -215,6 +215,8 @@ class DeepSupervision(nn.Module):
         if calls not in CALLS:
             raise ValueError(f"calls must be one of {CALLS} (got {calls!r})")
         check_resize(resize)
+        if resize is None:
+            check_interpolation(resize, interpolation)
         self.model = model
         if isinstance(criterion, nn.Module):
             self.criterion: Callable[..., Any] | None = criterion
@@ -231,7 +233,10 @@ class DeepSupervision(nn.Module):
                 criterion=criterion if tap.criterion is INHERIT else tap.criterion,
                 resize=tap_resize,
                 interpolation=check_interpolation(
-                    tap_resize, interpolation if tap.interpolation is None else tap.interpolation
+                    tap_resize,
+                    tap.interpolation
+                    if tap.interpolation is not None
+                    else (interpolation if tap_resize is not None else None),
                 ),
                 align_corners=align_corners if tap.align_corners is None else tap.align_corners,
                 calls=calls if tap.calls is None else tap.calls,
