@@ -27,9 +27,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
-from ._errors import ConfigError
+import torch
 
-__all__ = ["RULES", "Rule", "ScaleWeights", "scale_weights"]
+from ._errors import ConfigError, TargetError
+from ._resize import TARGET_MODES, downsample_target
+from ._target_modes import downsample_target_as
+
+__all__ = ["RULES", "Rule", "ScaleWeights", "downsample", "scale_weights"]
 
 Rule = Literal["halving", "monai-exp", "monai-two", "same", "nnunet"]
 RULES: tuple[str, ...] = ("halving", "monai-exp", "monai-two", "same", "nnunet")
@@ -91,3 +95,62 @@ def scale_weights(taps: Sequence[str], rule: Rule = "halving") -> ScaleWeights:
         total = sum(levels)
         levels = [w / total for w in levels]
     return ScaleWeights(levels[0], dict(zip(names, levels[1:])))
+
+
+def downsample(
+    target: torch.Tensor,
+    size: Sequence[int],
+    interpolation: str = "nearest",
+    *,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Downsample a target as ``DeepSupervision(resize="target", interpolation=...)`` does.
+
+    For custom losses (``criterion=None``) and for inspecting what a coarse head is taught.
+
+    Args:
+        target: class indices (B, *S) or a dense target (B, C, *S), ``len(size)`` spatial dims.
+        size: the spatial size to downsample to (each no larger than the target's).
+        interpolation: ``"nearest"``, ``"nearest-exact"``, ``"soft"`` or ``"max"``.
+        num_classes: the class count, needed by ``"soft"`` on class indices; with ``"max"`` on
+            class indices, labels outside ``[0, num_classes)`` are ignore labels (without it,
+            every label >= 0 is a class).
+
+    Returns:
+        The target at ``size``: ``"soft"`` gives (B, C, *size) float class fractions, the other
+        rules keep the layout and dtype.
+
+    Example:
+        >>> t = torch.tensor([[0, 0, 2, 0, 1, 1, 1, 1]])
+        >>> downsample(t, (2,)), downsample(t, (2,), "max")
+        (tensor([[0, 1]]), tensor([[2, 1]]))
+        >>> downsample(t, (2,), "soft", num_classes=3)
+        tensor([[[0.7500, 0.0000],
+                 [0.0000, 1.0000],
+                 [0.2500, 0.0000]]])
+    """
+    size = tuple(int(s) for s in size)
+    if interpolation not in TARGET_MODES:
+        raise ConfigError(f"interpolation must be one of {TARGET_MODES} (got {interpolation!r})")
+    k = len(size)
+    if target.dim() not in (k + 1, k + 2) or any(s > t for s, t in zip(size, target.shape[-k:])):
+        raise TargetError(
+            f"target of shape {tuple(target.shape)} cannot be downsampled to {size}: expected "
+            f"(B, *S) or (B, C, *S) with {k} spatial dims, each at least as large as size"
+        )
+    dense = target.dim() == k + 2
+    if interpolation == "nearest":
+        return downsample_target(target, size)
+    if num_classes is None:
+        if interpolation == "soft" and not dense:
+            raise ConfigError("interpolation='soft' on class indices needs num_classes= (got None)")
+        num_classes = int(target.max()) + 1 if target.numel() else 1
+    return downsample_target_as(
+        target,
+        size,
+        interpolation,
+        num_classes=num_classes,
+        dense=dense,
+        dtype=torch.float32,
+        tap="downsample",
+    )

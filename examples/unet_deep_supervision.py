@@ -1,0 +1,402 @@
+"""Multi-scale deep supervision of a 3D U-Net: which target downsampling keeps small lesions?
+
+A plain 3D U-Net of this file (no deep supervision of its own) segments generated volumes that
+hold a large organ and lesions a few voxels wide. deepsup taps the decoder stages at 1/2 and 1/4
+resolution with a 1x1x1 conv head each (as nnU-Net's deep-supervision outputs), Dice +
+cross-entropy at every scale, weights by :func:`deepsup.multiscale.scale_weights`. The targets
+of the taps are downsampled with ``resize="target"`` and one of the ``interpolation=`` rules:
+
+- ``nearest``: one voxel per cell (nnU-Net and MONAI do this): a lesion narrower than the cell
+  disappears from the coarse targets, and the head there is taught "no lesion";
+- ``soft``: the fraction of each class in each cell (a probability target);
+- ``max``: the highest class in the cell (labels ordered background < organ < lesion).
+
+It trains four variants from the same initialisation and data order: no deep supervision, and
+deep supervision with each rule; then it reports Dice per class, lesion detection (the share of
+lesions with any voxel predicted as lesion) and how many lesions each rule keeps in the coarse
+targets. Runs on a laptop CPU in a few minutes::
+
+    python examples/unet_deep_supervision.py                  # one seed
+    python examples/unet_deep_supervision.py --seeds 0 1 2    # mean +- std over seeds
+
+Writes into ``--out``: ``results.json`` (every number and the configuration), ``curves.png``
+(training loss and validation lesion Dice per variant) and ``overlay.png`` (one slice: image,
+truth, predictions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from deepsup import DeepSupervision
+from deepsup.multiscale import downsample, scale_weights
+
+CLASSES = ("background", "organ", "lesion")
+VARIANTS = ("no DS", "DS nearest", "DS soft", "DS max")
+TAPS = ["dec2", "dec3"]  # decoder stages at 1/2 and 1/4 resolution, finest first
+
+
+# data -------------------------------------------------------------------------------------
+
+
+def make_volume(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One volume: (image, labels, lesion instance ids), each (size, size, size).
+
+    An ellipsoid organ (radii 7 to 11 voxels, label 1) and 3 to 6 spherical lesions (radius 0.9
+    to 1.6: 2 to 3 voxels wide, label 2), most inside the organ, on a noisy background.
+    """
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).astype(np.float32)
+    labels = np.zeros((size,) * 3, np.int64)
+    lesions = np.zeros((size,) * 3, np.int64)
+    centre = rng.uniform(0.35 * size, 0.65 * size, 3)
+    radii = rng.uniform(7, 11, 3)
+    organ = (((grid - centre) / radii) ** 2).sum(-1) <= 1
+    labels[organ] = 1
+    organ_voxels = np.argwhere(organ)
+    for k in range(int(rng.integers(3, 7))):
+        if rng.random() < 0.75:
+            c = organ_voxels[rng.integers(len(organ_voxels))] + rng.uniform(-0.5, 0.5, 3)
+        else:
+            c = rng.uniform(3, size - 3, 3)
+        r = rng.uniform(0.9, 1.6)
+        ball = ((grid - c) ** 2).sum(-1) <= r * r
+        if not ball.any():
+            ball[tuple(np.clip(np.round(c).astype(int), 0, size - 1))] = True
+        labels[ball] = 2
+        lesions[ball] = k + 1
+    image = np.where(labels == 1, 1.0, 0.0) + np.where(labels == 2, 1.0 + 0.9, 0.0)
+    image = image + rng.normal(0.0, 0.55, image.shape)
+    return image.astype(np.float32), labels, lesions
+
+
+def make_set(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    vols = [make_volume(rng, size) for _ in range(n)]
+    image, labels, lesions = (np.stack(v) for v in zip(*vols))
+    return torch.from_numpy(image)[:, None], torch.from_numpy(labels), torch.from_numpy(lesions)
+
+
+# model and loss ---------------------------------------------------------------------------
+
+
+class Block(nn.Sequential):
+    """Two (conv3x3x3 - InstanceNorm - LeakyReLU), as nnU-Net's stages."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(
+            nn.Conv3d(cin, cout, 3, padding=1),
+            nn.InstanceNorm3d(cout, affine=True),
+            nn.LeakyReLU(0.01),
+            nn.Conv3d(cout, cout, 3, padding=1),
+            nn.InstanceNorm3d(cout, affine=True),
+            nn.LeakyReLU(0.01),
+        )
+
+
+class UNet3D(nn.Module):
+    """A plain 4-level 3D U-Net; ``dec3``, ``dec2``, ``dec1`` are the decoder stages."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 3, width: int = 8) -> None:
+        super().__init__()
+        w = [width * 2**i for i in range(4)]
+        self.enc1, self.enc2, self.enc3 = (
+            Block(in_channels, w[0]),
+            Block(w[0], w[1]),
+            Block(w[1], w[2]),
+        )
+        self.bottleneck = Block(w[2], w[3])
+        self.pool = nn.MaxPool3d(2)
+        self.up3, self.dec3 = nn.ConvTranspose3d(w[3], w[2], 2, stride=2), Block(2 * w[2], w[2])
+        self.up2, self.dec2 = nn.ConvTranspose3d(w[2], w[1], 2, stride=2), Block(2 * w[1], w[1])
+        self.up1, self.dec1 = nn.ConvTranspose3d(w[1], w[0], 2, stride=2), Block(2 * w[0], w[0])
+        self.out = nn.Conv3d(w[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.pool(e1))
+        e3 = self.enc3(self.pool(e2))
+        b = self.bottleneck(self.pool(e3))
+        d3 = self.dec3(torch.cat([self.up3(b), e3], 1))
+        d2 = self.dec2(torch.cat([self.up2(d3), e2], 1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
+        out: torch.Tensor = self.out(d1)
+        return out
+
+
+class DiceCE(nn.Module):
+    """Cross-entropy + (1 - batch soft Dice over the foreground classes), as nnU-Net's loss.
+
+    Takes class indices (B, *S) or class probabilities (B, C, *S) (``"soft"`` targets).
+    """
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.is_floating_point():
+            onehot = target
+        else:
+            onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+        ce = F.cross_entropy(logits, target)
+        prob = logits.softmax(1)
+        dims = (0, *range(2, logits.dim()))
+        inter = (prob * onehot).sum(dims)
+        dice = (2 * inter + 1e-5) / (prob.sum(dims) + onehot.sum(dims) + 1e-5)
+        return ce + 1 - dice[1:].mean()
+
+
+# training and evaluation --------------------------------------------------------------------
+
+
+def build(variant: str, seed: int, width: int) -> tuple[nn.Module, nn.Module, float]:
+    """(the trained module, the plain model, the main loss weight) for a variant."""
+    torch.manual_seed(seed)
+    model = UNet3D(width=width)
+    if variant == "no DS":
+        return model, model, 1.0
+    main, weights = scale_weights(TAPS, "halving")  # main 1, dec2 0.5, dec3 0.25
+    sup = DeepSupervision(
+        model,
+        weights,
+        head=functools.partial(nn.Conv3d, out_channels=len(CLASSES), kernel_size=1),
+        criterion=DiceCE(),
+        resize="target",
+        interpolation=variant.split()[1],
+        example_input=torch.zeros(1, 1, 16, 16, 16),
+    )
+    return sup, model, main
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(images[i : i + 4]).argmax(1) for i in range(0, len(images), 4)])
+
+
+def dice(pred: torch.Tensor, labels: torch.Tensor, cls: int) -> float:
+    p, t = pred == cls, labels == cls
+    denom = int(p.sum() + t.sum())
+    return 1.0 if denom == 0 else 2 * int((p & t).sum()) / denom
+
+
+def lesion_detection(pred: torch.Tensor, lesions: torch.Tensor) -> float:
+    """The share of lesions with at least one voxel predicted as lesion."""
+    hits = total = 0
+    for i in range(len(lesions)):
+        ids = lesions[i].unique()
+        for k in ids[ids > 0].tolist():
+            total += 1
+            hits += bool((pred[i][lesions[i] == k] == 2).any())
+    return hits / max(total, 1)
+
+
+def evaluate(model: nn.Module, data: Sequence[torch.Tensor]) -> dict[str, float]:
+    images, labels, lesions = data
+    pred = predict(model, images)
+    return {
+        "dice_organ": dice(pred, labels, 1),
+        "dice_lesion": dice(pred, labels, 2),
+        "lesion_detection": lesion_detection(pred, lesions),
+    }
+
+
+def train(
+    variant: str, seed: int, args: argparse.Namespace, train_set: Any, val_set: Any
+) -> dict[str, Any]:
+    net, model, main_weight = build(variant, seed, args.width)
+    criterion = DiceCE()
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.steps))
+    )
+    images, labels, _ = train_set
+    g = torch.Generator().manual_seed(seed)
+    losses, val_curve = [], []
+    t0 = time.perf_counter()
+    bar = tqdm(range(args.steps), desc=f"{variant:<10} seed {seed}", leave=False)
+    for step in bar:
+        net.train()
+        idx = torch.randint(len(images), (args.batch_size,), generator=g)
+        x, y = images[idx], labels[idx]
+        flips = [d for d in (2, 3, 4) if torch.rand((), generator=g) < 0.5]
+        if flips:
+            x, y = x.flip(flips), y.flip([d - 1 for d in flips])
+        if isinstance(net, DeepSupervision):
+            out, aux = net(x, target=y)
+            loss = main_weight * criterion(out, y) + sum(aux.values())
+        else:
+            loss = criterion(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            val_curve.append((step + 1, evaluate(model, val_set)["dice_lesion"]))
+            bar.set_postfix(loss=f"{loss.item():.3f}", val_lesion=f"{val_curve[-1][1]:.3f}")
+    return {
+        "model": model,
+        "losses": losses,
+        "val_curve": val_curve,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def target_survival(labels: torch.Tensor, lesions: torch.Tensor) -> dict[str, dict[str, float]]:
+    """The share of lesions still present in the coarse targets, per rule and scale."""
+    out: dict[str, dict[str, float]] = {}
+    size = labels.shape[-1]
+    for rule in ("nearest", "soft", "max"):
+        out[rule] = {}
+        for f in (2, 4):
+            s = (size // f,) * 3
+            small = downsample(labels, s, rule, num_classes=len(CLASSES))
+            present = small[:, 2] > 0 if rule == "soft" else small == 2
+            # a lesion survives if a cell covering one of its voxels is marked lesion
+            up = present[:, :, None, :, None, :, None].expand(-1, -1, f, -1, f, -1, f)
+            up = up.reshape(labels.shape)
+            hits = total = 0
+            for i in range(len(lesions)):
+                ids = lesions[i].unique()
+                for k in ids[ids > 0].tolist():
+                    total += 1
+                    hits += bool(up[i][lesions[i] == k].any())
+            out[rule][f"1/{f}"] = hits / max(total, 1)
+    return out
+
+
+# reporting --------------------------------------------------------------------------------
+
+
+def mean_std(values: Sequence[float]) -> str:
+    m = statistics.fmean(values)
+    s = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{m:.3f} ± {s:.3f}" if len(values) > 1 else f"{m:.3f}"
+
+
+def plot(runs: dict[str, list[dict[str, Any]]], test_set: Any, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for variant, seeds in runs.items():
+        losses = np.mean([r["losses"] for r in seeds], 0)
+        k = max(len(losses) // 40, 1)
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax1.plot(smooth, label=variant)
+        steps = [s for s, _ in seeds[0]["val_curve"]]
+        val = np.mean([[v for _, v in r["val_curve"]] for r in seeds], 0)
+        ax2.plot(steps, val, marker="o", ms=3, label=variant)
+    ax1.set(xlabel="step", ylabel="training loss (main + aux)", yscale="log")
+    ax2.set(xlabel="step", ylabel="validation lesion Dice")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=80)
+    plt.close(fig)
+
+    images, labels, _ = test_set
+    i = int((labels == 2).flatten(1).sum(1).argmax())
+    z = int((labels[i] == 2).sum((1, 2)).argmax())
+    preds = {v: predict(runs[v][0]["model"], images[i : i + 1])[0] for v in runs}
+    panels = [("image", None), ("truth", labels[i]), *((v, p) for v, p in preds.items())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.1 * len(panels), 2.3))
+    cmap = matplotlib.colors.ListedColormap([(0, 0, 0, 0), (0.2, 0.6, 1, 0.45), (1, 0.2, 0.1, 0.9)])
+    for ax, (title, lab) in zip(axes, panels):
+        ax.imshow(images[i, 0, z], cmap="gray")
+        if lab is not None:
+            ax.imshow(lab[z], cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "overlay.png", dpi=80)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--steps", type=int, default=200, help="training steps per variant and seed")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--size", type=int, default=32, help="volume edge (a multiple of 8)")
+    p.add_argument("--width", type=int, default=8, help="channels of the first U-Net stage")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--train", type=int, default=40, help="training volumes")
+    p.add_argument("--val", type=int, default=6, help="validation volumes")
+    p.add_argument("--test", type=int, default=16, help="test volumes")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=Path("runs/unet_ds"))
+    args = p.parse_args(argv)
+    if args.size % 8 or args.size < 8:
+        p.error(f"--size must be a positive multiple of 8 (got {args.size})")
+    for name in ("steps", "batch_size", "width", "train", "val", "test", "eval_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    train_set = make_set(args.train, args.size, seed=1000)
+    val_set = make_set(args.val, args.size, seed=2000)
+    test_set = make_set(args.test, args.size, seed=3000)
+    survival = target_survival(train_set[1], train_set[2])
+
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
+    metrics: dict[str, list[dict[str, float]]] = {v: [] for v in args.variants}
+    for seed in args.seeds:
+        for variant in args.variants:
+            run = train(variant, seed, args, train_set, val_set)
+            runs[variant].append(run)
+            metrics[variant].append(evaluate(run["model"], test_set))
+    plot(runs, test_set, args.out)
+    elapsed = time.perf_counter() - t0
+
+    keys = ("dice_organ", "dice_lesion", "lesion_detection")
+    print(f"\n{len(args.seeds)} seed(s), {args.steps} steps each, {args.test} test volumes")
+    print(
+        f"{'variant':<12} {'Dice organ':>16} {'Dice lesion':>16} {'lesions found':>16} {'s/run':>7}"
+    )
+    summary: dict[str, dict[str, Any]] = {}
+    for v in args.variants:
+        row = {k: [m[k] for m in metrics[v]] for k in keys}
+        secs = statistics.fmean(r["seconds"] for r in runs[v])
+        summary[v] = {**row, "seconds_per_run": secs}
+        cells = " ".join(f"{mean_std(row[k]):>16}" for k in keys)
+        print(f"{v:<12} {cells} {secs:>7.1f}")
+    print("\nlesions still present in the training targets at each tap's scale:")
+    for rule, scales in survival.items():
+        print(f"  {rule:<8} " + "  ".join(f"{s}: {x:.1%}" for s, x in scales.items()))
+    print(f"\ntotal {elapsed:.0f} s; wrote {args.out}/results.json, curves.png, overlay.png")
+    result = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "test": summary,
+        "target_survival": survival,
+        "seconds": elapsed,
+    }
+    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
