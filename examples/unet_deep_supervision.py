@@ -72,14 +72,14 @@ def make_volume(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
             c = organ_voxels[rng.integers(len(organ_voxels))] + rng.uniform(-0.5, 0.5, 3)
         else:
             c = rng.uniform(3, size - 3, 3)
-        r = rng.uniform(0.9, 1.6)
+        r = rng.uniform(1.0, 1.8)
         ball = ((grid - c) ** 2).sum(-1) <= r * r
         if not ball.any():
             ball[tuple(np.clip(np.round(c).astype(int), 0, size - 1))] = True
         labels[ball] = 2
         lesions[ball] = k + 1
-    image = np.where(labels == 1, 1.0, 0.0) + np.where(labels == 2, 1.0 + 0.9, 0.0)
-    image = image + rng.normal(0.0, 0.55, image.shape)
+    image = np.where(labels == 1, 1.0, 0.0) + np.where(labels == 2, 2.5, 0.0)
+    image = image + rng.normal(0.0, 0.5, image.shape)
     return image.astype(np.float32), labels, lesions
 
 
