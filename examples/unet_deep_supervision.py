@@ -67,18 +67,18 @@ def make_volume(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     organ = (((grid - centre) / radii) ** 2).sum(-1) <= 1
     labels[organ] = 1
     organ_voxels = np.argwhere(organ)
-    for k in range(int(rng.integers(3, 7))):
+    for k in range(int(rng.integers(5, 11))):
         if rng.random() < 0.75:
             c = organ_voxels[rng.integers(len(organ_voxels))] + rng.uniform(-0.5, 0.5, 3)
         else:
             c = rng.uniform(3, size - 3, 3)
-        r = rng.uniform(1.0, 1.8)
+        r = rng.uniform(1.2, 2.2)
         ball = ((grid - c) ** 2).sum(-1) <= r * r
         if not ball.any():
             ball[tuple(np.clip(np.round(c).astype(int), 0, size - 1))] = True
         labels[ball] = 2
         lesions[ball] = k + 1
-    image = np.where(labels == 1, 1.0, 0.0) + np.where(labels == 2, 2.5, 0.0)
+    image = np.where(labels == 1, 1.0, 0.0) + np.where(labels == 2, 3.0, 0.0)
     image = image + rng.normal(0.0, 0.5, image.shape)
     return image.astype(np.float32), labels, lesions
 
