@@ -118,7 +118,8 @@ def downsample(
 
     Returns:
         The target at ``size``: ``"soft"`` gives (B, C, *size) float class fractions, the other
-        rules keep the layout and dtype.
+        rules keep the layout and dtype. A target already at ``size`` is returned as is, as the
+        wrapper passes it to the criterion.
 
     Example:
         >>> t = torch.tensor([[0, 0, 2, 0, 1, 1, 1, 1]])
@@ -139,6 +140,8 @@ def downsample(
             f"(B, *S) or (B, C, *S) with {k} spatial dims, each at least as large as size"
         )
     dense = target.dim() == k + 2
+    if tuple(target.shape[-k:]) == size:
+        return target
     if interpolation == "nearest":
         return downsample_target(target, size)
     if num_classes is None:
