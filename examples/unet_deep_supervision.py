@@ -56,8 +56,9 @@ TAPS = ["dec2", "dec3"]  # decoder stages at 1/2 and 1/4 resolution, finest firs
 def make_volume(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One volume: (image, labels, lesion instance ids), each (size, size, size).
 
-    An ellipsoid organ (radii 7 to 11 voxels, label 1) and 3 to 6 spherical lesions (radius 0.9
-    to 1.6: 2 to 3 voxels wide, label 2), most inside the organ, on a noisy background.
+    An ellipsoid organ (radii 7 to 11 voxels, label 1, intensity 1) and 5 to 10 spherical lesions
+    (radius 1.2 to 2.2: 2 to 4 voxels wide, label 2, intensity 3), most inside the organ, with
+    Gaussian noise (sigma 0.5).
     """
     grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).astype(np.float32)
     labels = np.zeros((size,) * 3, np.int64)
@@ -330,15 +331,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=200, help="training steps per variant and seed")
+    p.add_argument("--steps", type=int, default=150, help="training steps per variant and seed")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--size", type=int, default=32, help="volume edge (a multiple of 8)")
     p.add_argument("--width", type=int, default=8, help="channels of the first U-Net stage")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam, cosine decay to 0")
     p.add_argument("--train", type=int, default=40, help="training volumes")
     p.add_argument("--val", type=int, default=6, help="validation volumes")
     p.add_argument("--test", type=int, default=16, help="test volumes")
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path("runs/unet_ds"))
