@@ -316,9 +316,9 @@ def plot(runs: dict[str, list[dict[str, Any]]], test_set: Any, out: Path) -> Non
     fig, axes = plt.subplots(1, len(panels), figsize=(2.1 * len(panels), 2.3))
     cmap = matplotlib.colors.ListedColormap([(0, 0, 0, 0), (0.2, 0.6, 1, 0.45), (1, 0.2, 0.1, 0.9)])
     for ax, (title, lab) in zip(axes, panels):
-        ax.imshow(images[i, 0, z], cmap="gray")
+        ax.imshow(images[i, 0, z].numpy(), cmap="gray")
         if lab is not None:
-            ax.imshow(lab[z], cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
+            ax.imshow(lab[z].numpy(), cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
