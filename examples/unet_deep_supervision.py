@@ -18,6 +18,9 @@ targets. Runs on a laptop CPU in a few minutes::
 
     python examples/unet_deep_supervision.py                  # one seed
     python examples/unet_deep_supervision.py --seeds 0 1 2    # mean +- std over seeds
+    # or one process per seed, then one table from their results:
+    python examples/unet_deep_supervision.py --seeds 1 --out runs/unet_ds/s1
+    python examples/unet_deep_supervision.py --combine runs/unet_ds/s*
 
 Writes into ``--out``: ``results.json`` (every number and the configuration), ``curves.png``
 (training loss and validation lesion Dice per variant) and ``overlay.png`` (one slice: image,
@@ -326,6 +329,45 @@ def plot(runs: dict[str, list[dict[str, Any]]], test_set: Any, out: Path) -> Non
     plt.close(fig)
 
 
+KEYS = ("dice_organ", "dice_lesion", "lesion_detection")
+
+
+def print_summary(
+    summary: dict[str, dict[str, Any]],
+    survival: dict[str, dict[str, float]],
+    seeds: Sequence[int],
+    steps: int,
+    test: int,
+) -> None:
+    print(f"\n{len(seeds)} seed(s) {list(seeds)}, {steps} steps each, {test} test volumes")
+    print(
+        f"{'variant':<12} {'Dice organ':>16} {'Dice lesion':>16} {'lesions found':>16} {'s/run':>7}"
+    )
+    for v, row in summary.items():
+        cells = " ".join(f"{mean_std(row[k]):>16}" for k in KEYS)
+        print(f"{v:<12} {cells} {statistics.fmean(row['seconds_per_run']):>7.1f}")
+    print("\nlesions still present in the training targets at each tap's scale:")
+    for rule, scales in survival.items():
+        print(f"  {rule:<8} " + "  ".join(f"{s}: {x:.1%}" for s, x in scales.items()))
+
+
+def combine(dirs: Sequence[Path]) -> dict[str, Any]:
+    """One summary from the results.json of runs with the same settings but other seeds."""
+    results = [json.loads((d / "results.json").read_text()) for d in dirs]
+    seeds = [s for r in results for s in r["config"]["seeds"]]
+    summary: dict[str, dict[str, Any]] = {}
+    for v in results[0]["test"]:
+        rows = [r["test"][v] for r in results]
+        summary[v] = {k: [x for row in rows for x in row[k]] for k in KEYS}
+        secs = [row["seconds_per_run"] for row in rows]  # a list per run (a float before)
+        summary[v]["seconds_per_run"] = [
+            x for s in secs for x in (s if isinstance(s, list) else [s])
+        ]
+    config = results[0]["config"]
+    print_summary(summary, results[0]["target_survival"], seeds, config["steps"], config["test"])
+    return {"test": summary, "seeds": seeds, "target_survival": results[0]["target_survival"]}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -343,6 +385,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path("runs/unet_ds"))
+    p.add_argument(
+        "--combine", type=Path, nargs="+", metavar="DIR",
+        help="print one table from the results.json of earlier runs (e.g. one per seed) and exit",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.size % 8 or args.size < 8:
         p.error(f"--size must be a positive multiple of 8 (got {args.size})")
@@ -354,6 +400,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.combine:
+        return combine(args.combine)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -373,21 +421,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plot(runs, test_set, args.out)
     elapsed = time.perf_counter() - t0
 
-    keys = ("dice_organ", "dice_lesion", "lesion_detection")
-    print(f"\n{len(args.seeds)} seed(s), {args.steps} steps each, {args.test} test volumes")
-    print(
-        f"{'variant':<12} {'Dice organ':>16} {'Dice lesion':>16} {'lesions found':>16} {'s/run':>7}"
-    )
     summary: dict[str, dict[str, Any]] = {}
     for v in args.variants:
-        row = {k: [m[k] for m in metrics[v]] for k in keys}
-        secs = statistics.fmean(r["seconds"] for r in runs[v])
-        summary[v] = {**row, "seconds_per_run": secs}
-        cells = " ".join(f"{mean_std(row[k]):>16}" for k in keys)
-        print(f"{v:<12} {cells} {secs:>7.1f}")
-    print("\nlesions still present in the training targets at each tap's scale:")
-    for rule, scales in survival.items():
-        print(f"  {rule:<8} " + "  ".join(f"{s}: {x:.1%}" for s, x in scales.items()))
+        summary[v] = {k: [m[k] for m in metrics[v]] for k in KEYS}
+        summary[v]["seconds_per_run"] = [r["seconds"] for r in runs[v]]
+    print_summary(summary, survival, args.seeds, args.steps, args.test)
     print(f"\ntotal {elapsed:.0f} s; wrote {args.out}/results.json, curves.png, overlay.png")
     result = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -80,3 +80,7 @@ def test_tiny_run_writes_results_and_figures(tmp_path: Path) -> None:
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert (tmp_path / "overlay.png").stat().st_size > 1000
     assert np.isfinite(saved["seconds"])
+    combined = ex.main(["--combine", str(tmp_path), str(tmp_path)])  # as if two seeds
+    assert combined["seeds"] == [0, 0]
+    row = combined["test"]["DS max"]
+    assert row["dice_lesion"] == saved["test"]["DS max"]["dice_lesion"] * 2
