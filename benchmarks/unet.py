@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         if "nearest" in k:
             targets.append(time_target("3D DynUNet train step, deepsup / MONAI DS", ratio, 1.05))
 
-    big = torch.randint(0, 4, (args.batch_size, 2 * size, 2 * size, 2 * size), generator=g)
+    big = torch.randint(0, 4, (args.batch_size, size, size, size), generator=g)
     big = big.to(device)
     prow: list[list[object]] = []
     for mode in ("nearest", "soft", "max"):
@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "losses and gradients (tests/test_monai_parity.py checks it); the third takes the aux "
         "losses at the heads' own scales.\n\n"
         + table(["variant", "train step", "time ratio", "peak mem", "mem ratio"], rows)
-        + f"\n\nTarget pyramid: a {args.batch_size}x{2 * size}^3 label map (4 classes) resized "
+        + f"\n\nTarget pyramid: a {args.batch_size}x{size}^3 label map (4 classes) resized "
         "for six taps, two at each of 1/2, 1/4, 1/8; per tap (each tap resizes on its own) vs "
         "one pyramid per forward (the wrapper's behaviour: taps at the same scale share one "
         "result). Ratio pyramid / per tap.\n\n"
