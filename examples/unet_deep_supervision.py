@@ -18,13 +18,13 @@ targets. Runs on a laptop CPU in a few minutes::
 
     python examples/unet_deep_supervision.py                  # one seed
     python examples/unet_deep_supervision.py --seeds 0 1 2    # mean +- std over seeds
-    # or one process per seed, then one table from their results:
-    python examples/unet_deep_supervision.py --seeds 1 --out runs/unet_ds/s1
-    python examples/unet_deep_supervision.py --combine runs/unet_ds/s*
+    # or in parallel processes (a seed or a variant each), then one table and the figures:
+    python examples/unet_deep_supervision.py --seeds 1 --variants "DS max" --out runs/ds/max1
+    python examples/unet_deep_supervision.py --combine runs/ds/* --out runs/ds
 
-Writes into ``--out``: ``results.json`` (every number and the configuration), ``curves.png``
-(training loss and validation lesion Dice per variant) and ``overlay.png`` (one slice: image,
-truth, predictions).
+Writes into ``--out``: ``results.json`` (every number, the curves and the configuration),
+``curves.png`` (training loss and validation lesion Dice per variant), ``overlay.png`` (one
+slice: image, truth, predictions) and ``models/`` (the trained U-Nets' ``state_dict``).
 """
 
 from __future__ import annotations
@@ -351,20 +351,32 @@ def print_summary(
         print(f"  {rule:<8} " + "  ".join(f"{s}: {x:.1%}" for s, x in scales.items()))
 
 
-def combine(dirs: Sequence[Path]) -> dict[str, Any]:
-    """One summary from the results.json of runs with the same settings but other seeds."""
+def combine(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
+    """One summary and one set of figures from earlier runs (other seeds or other variants).
+
+    Each run's ``results.json`` holds its test metrics, losses and validation curves, and
+    ``models/`` its trained U-Nets; the figures use the first seed of each variant.
+    """
     results = [json.loads((d / "results.json").read_text()) for d in dirs]
-    seeds = [s for r in results for s in r["config"]["seeds"]]
-    summary: dict[str, dict[str, Any]] = {}
-    for v in results[0]["test"]:
-        rows = [r["test"][v] for r in results]
-        summary[v] = {k: [x for row in rows for x in row[k]] for k in KEYS}
-        secs = [row["seconds_per_run"] for row in rows]  # a list per run (a float before)
-        summary[v]["seconds_per_run"] = [
-            x for s in secs for x in (s if isinstance(s, list) else [s])
-        ]
     config = results[0]["config"]
+    summary: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for d, r in zip(dirs, results):
+        for v, row in r["test"].items():
+            merged = summary.setdefault(v, {k: [] for k in (*KEYS, "seconds_per_run")})
+            for k in merged:
+                merged[k] += row[k]
+            for run in r["runs"][v]:
+                model = UNet3D(width=config["width"])
+                model.load_state_dict(torch.load(d / run["model"], weights_only=True))
+                runs.setdefault(v, []).append({**run, "model": model})
+    order = [v for v in VARIANTS if v in summary]
+    summary = {v: summary[v] for v in order}
+    seeds = sorted({run["seed"] for v in runs for run in runs[v]})
+    out.mkdir(parents=True, exist_ok=True)
+    plot({v: runs[v] for v in order}, make_set(config["test"], config["size"], seed=3000), out)
     print_summary(summary, results[0]["target_survival"], seeds, config["steps"], config["test"])
+    print(f"\nwrote {out}/curves.png, overlay.png")
     return {"test": summary, "seeds": seeds, "target_survival": results[0]["target_survival"]}
 
 
@@ -373,7 +385,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=150, help="training steps per variant and seed")
+    p.add_argument("--steps", type=int, default=100, help="training steps per variant and seed")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--size", type=int, default=32, help="volume edge (a multiple of 8)")
     p.add_argument("--width", type=int, default=8, help="channels of the first U-Net stage")
@@ -387,7 +399,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/unet_ds"))
     p.add_argument(
         "--combine", type=Path, nargs="+", metavar="DIR",
-        help="print one table from the results.json of earlier runs (e.g. one per seed) and exit",
+        help="one table and the figures (into --out) from earlier runs' folders, e.g. one per "
+        "seed or per variant, instead of training",
     )  # fmt: skip
     args = p.parse_args(argv)
     if args.size % 8 or args.size < 8:
@@ -401,7 +414,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.combine:
-        return combine(args.combine)
+        return combine(args.combine, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -419,6 +432,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             runs[variant].append(run)
             metrics[variant].append(evaluate(run["model"], test_set))
     plot(runs, test_set, args.out)
+    (args.out / "models").mkdir(exist_ok=True)
+    saved: dict[str, list[dict[str, Any]]] = {}
+    for v, seed_runs in runs.items():
+        for seed, run in zip(args.seeds, seed_runs):
+            path = f"models/{v.replace(' ', '_')}-seed{seed}.pt"
+            torch.save(run["model"].state_dict(), args.out / path)
+            keep = {k: run[k] for k in ("losses", "val_curve", "seconds")}
+            saved.setdefault(v, []).append({"seed": seed, "model": path, **keep})
     elapsed = time.perf_counter() - t0
 
     summary: dict[str, dict[str, Any]] = {}
@@ -432,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "test": summary,
         "target_survival": survival,
         "seconds": elapsed,
+        "runs": saved,
     }
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     return result

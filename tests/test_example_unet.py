@@ -80,7 +80,13 @@ def test_tiny_run_writes_results_and_figures(tmp_path: Path) -> None:
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert (tmp_path / "overlay.png").stat().st_size > 1000
     assert np.isfinite(saved["seconds"])
-    combined = ex.main(["--combine", str(tmp_path), str(tmp_path)])  # as if two seeds
-    assert combined["seeds"] == [0, 0]
-    row = combined["test"]["DS max"]
-    assert row["dice_lesion"] == saved["test"]["DS max"]["dice_lesion"] * 2
+    # the same run split in two processes, a variant each, then combined
+    parts = []
+    for v in ("no DS", "DS soft"):
+        parts.append(tmp_path / v.replace(" ", "_"))
+        ex.main([*args[:-1], str(parts[-1]), "--variants", v])
+    combined = ex.main(["--combine", *map(str, parts), "--out", str(tmp_path / "all")])
+    assert list(combined["test"]) == ["no DS", "DS soft"]
+    for v in ("no DS", "DS soft"):
+        assert combined["test"][v]["dice_lesion"] == saved["test"][v]["dice_lesion"]
+    assert (tmp_path / "all" / "overlay.png").stat().st_size > 1000
