@@ -133,14 +133,14 @@ def pyramid_times(
 
 def main(argv: Sequence[str] | None = None) -> str:
     p = parser(__doc__)
-    p.add_argument("--size", type=int, default=None, help="volume edge (default 64, quick 16)")
+    p.add_argument("--size", type=int, default=None, help="volume edge (default 32, quick 16)")
     p.add_argument("--batch-size", type=int, default=2)
     args = p.parse_args(argv)
     device = setup(args)
     started = time.perf_counter()
     rounds = pick(args, "rounds", 10, 2)
     warmup = pick(args, "warmup", 2, 1)
-    size = args.size or (16 if args.quick else 64)
+    size = args.size or (16 if args.quick else 32)
     filters = [8, 16, 32, 64, 128] if not args.quick else [2, 4, 8, 16]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 1, size, size, size, generator=g).to(device)
