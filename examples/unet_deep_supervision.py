@@ -59,15 +59,15 @@ TAPS = ["dec2", "dec3"]  # decoder stages at 1/2 and 1/4 resolution, finest firs
 def make_volume(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One volume: (image, labels, lesion instance ids), each (size, size, size).
 
-    An ellipsoid organ (radii 7 to 11 voxels, label 1, intensity 1) and 5 to 10 spherical lesions
-    (radius 1.2 to 2.2: 2 to 4 voxels wide, label 2, intensity 3), most inside the organ, with
-    Gaussian noise (sigma 0.5).
+    An ellipsoid organ (radii 22% to 34% of the edge, label 1, intensity 1) and 5 to 10
+    spherical lesions (radius 1.2 to 2.2: 2 to 4 voxels wide, label 2, intensity 3), most inside
+    the organ, with Gaussian noise (sigma 0.5).
     """
     grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).astype(np.float32)
     labels = np.zeros((size,) * 3, np.int64)
     lesions = np.zeros((size,) * 3, np.int64)
     centre = rng.uniform(0.35 * size, 0.65 * size, 3)
-    radii = rng.uniform(7, 11, 3)
+    radii = rng.uniform(0.22 * size, 0.34 * size, 3)
     organ = (((grid - centre) / radii) ** 2).sum(-1) <= 1
     labels[organ] = 1
     organ_voxels = np.argwhere(organ)
@@ -77,11 +77,14 @@ def make_volume(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
         else:
             c = rng.uniform(3, size - 3, 3)
         r = rng.uniform(1.2, 2.2)
-        ball = ((grid - c) ** 2).sum(-1) <= r * r
+        lo = np.clip(np.floor(c - r).astype(int), 0, size - 1)
+        hi = np.clip(np.ceil(c + r).astype(int) + 1, 1, size)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))  # the ball's bounding box
+        ball = ((grid[box] - c) ** 2).sum(-1) <= r * r
         if not ball.any():
-            ball[tuple(np.clip(np.round(c).astype(int), 0, size - 1))] = True
-        labels[ball] = 2
-        lesions[ball] = k + 1
+            ball[tuple(np.clip(np.round(c).astype(int), lo, hi - 1) - lo)] = True
+        labels[box][ball] = 2
+        lesions[box][ball] = k + 1
     image = np.where(labels == 1, 1.0, 0.0) + np.where(labels == 2, 3.0, 0.0)
     image = image + rng.normal(0.0, 0.5, image.shape)
     return image.astype(np.float32), labels, lesions
@@ -387,12 +390,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=100, help="training steps per variant and seed")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--size", type=int, default=32, help="volume edge (a multiple of 8)")
+    p.add_argument("--size", type=int, default=24, help="volume edge (a multiple of 8)")
     p.add_argument("--width", type=int, default=8, help="channels of the first U-Net stage")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam, cosine decay to 0")
     p.add_argument("--train", type=int, default=40, help="training volumes")
-    p.add_argument("--val", type=int, default=6, help="validation volumes")
-    p.add_argument("--test", type=int, default=16, help="test volumes")
+    p.add_argument("--val", type=int, default=4, help="validation volumes")
+    p.add_argument("--test", type=int, default=12, help="test volumes")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
