@@ -388,7 +388,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=100, help="training steps per variant and seed")
+    p.add_argument("--steps", type=int, default=200, help="training steps per variant and seed")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--size", type=int, default=24, help="volume edge (a multiple of 8)")
     p.add_argument("--width", type=int, default=8, help="channels of the first U-Net stage")
