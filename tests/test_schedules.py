@@ -38,7 +38,7 @@ def test_values_at_chosen_points(schedule: schedules.Schedule, points: dict[int,
         (lambda: schedules.Constant(-1), r"value must be a finite number >= 0 \(got -1\.0\)"),
         (lambda: schedules.LinearDecay(1.0, total=0), r"total must be a positive int .*\(got 0\)"),
         (lambda: schedules.CosineDecay(float("nan"), 3), r"start must be a finite number"),
-        (lambda: schedules.Cutoff(0.4, at=-1), r"at must be an int step >= 0 \(got -1\)"),
+        (lambda: schedules.Cutoff(0.4, at=-1), r"at must be an int >= 0 \(got -1\)"),
     ],
     ids=["negative", "zero-total", "nan", "negative-at"],
 )
