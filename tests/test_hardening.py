@@ -84,20 +84,26 @@ def test_weight_is_applied_as_weight_times_loss_in_the_loss_dtype(
     dtype: torch.dtype, weight: float
 ) -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    values = [0.37 * k for k in range(1, 40)]  # losses that expose a rounded weight
+    current = {"loss": 0.0}
 
     def criterion(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return (pred.float() * 0).sum().to(pred.dtype) + torch.tensor(7.3, dtype=pred.dtype)
+        return (pred * 0).sum() + torch.tensor(current["loss"], dtype=pred.dtype)
 
     sup = DeepSupervision(
         model, {"0": weight}, head=heads.classification(2), criterion=criterion
     ).to(dtype)
     assert sup.weights == {"0": weight}
-    _, aux = sup(torch.randn(3, 4, dtype=dtype), target=torch.zeros(3, dtype=torch.long))
-    expected = weight * torch.tensor(7.3, dtype=dtype)  # PyTorch's own rule for a float weight
-    assert aux["0"].dtype == dtype
-    assert torch.equal(aux["0"], expected)
-    if dtype == torch.float16 and weight == 1e-8:
-        assert aux["0"] != 0  # a float16 weight buffer would have held 0
+    x, y = torch.randn(3, 4, dtype=dtype), torch.zeros(3, dtype=torch.long)
+    nonzero = 0
+    for value in values:
+        current["loss"] = value
+        _, aux = sup(x, target=y)
+        expected = weight * torch.tensor(value, dtype=dtype)  # PyTorch's rule for a float
+        assert aux["0"].dtype == dtype
+        assert torch.equal(aux["0"], expected), value
+        nonzero += int(aux["0"] != 0)
+    assert nonzero > 0  # a float16 weight buffer holds 0 for 1e-8
 
 
 # ------------------------------------------------------------------ 2. step before backward
