@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 from torch import nn
 
-from ._errors import CaptureError, TapOutputError, UsageError, add_note
+from ._errors import CaptureError, TapOutputError, UsageError, add_note, call_user
 from ._taps import Selector
 
 T = TypeVar("T")
@@ -50,15 +50,14 @@ def select_tensor(output: Any, select: Selector | None, tap: str) -> torch.Tenso
     if select is None:
         picked = _default_select(output)
     elif callable(select):
-        try:
-            picked = select(output)
-        except Exception as err:  # the user's own: re-raised as itself, with the tap named
-            add_note(
-                err,
-                f"deepsup: raised by the select= callable of tap {tap!r} (on an output of type "
-                f"{type(output).__name__})",
-            )
-            raise
+        picked = call_user(
+            select,
+            output,
+            note=lambda: (
+                f"deepsup: raised by the select= callable of tap {tap!r} (on an output "
+                f"of type {type(output).__name__})"
+            ),
+        )
     elif isinstance(select, int) and isinstance(output, (tuple, list)):
         picked = output[select] if -len(output) <= select < len(output) else None
     elif isinstance(select, str) and isinstance(output, Mapping):

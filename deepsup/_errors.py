@@ -33,6 +33,11 @@ unchanged (same type, same object), with the tap named in a note (``add_note``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
 __all__ = [
     "CaptureError",
     "ChannelInferenceError",
@@ -123,6 +128,17 @@ def add_note(err: BaseException, note: str) -> None:
         notes = list(getattr(err, "__notes__", []))
         notes.append(note)
         err.__notes__ = notes  # type: ignore[attr-defined]
+
+
+def call_user(fn: Callable[..., T], *args: Any, note: Callable[[], str]) -> T:
+    """``fn(*args)``; a user's own exception is re-raised as itself, with ``note()`` added."""
+    try:
+        return fn(*args)
+    except DeepSupError:
+        raise
+    except Exception as err:
+        add_note(err, note())
+        raise
 
 
 def check_int(what: str, value: object, *, minimum: int = 1) -> int:

@@ -18,13 +18,12 @@ from ._channels import check_channels, infer_channels
 from ._errors import (
     ConfigError,
     ConfigTypeError,
-    DeepSupError,
     DeepSupScriptError,
     DeepSupWarning,
     HeadError,
     TargetError,
     UsageError,
-    add_note,
+    call_user,
     check_int,
 )
 from ._resize import Resize, check_resize, reconcile
@@ -479,17 +478,14 @@ class DeepSupervision(nn.Module):
         # a head that changes its input in place would change the model's output (a tap on the
         # last module) or a tensor autograd saved (backward fails far from here): checked below
         version = -1 if s.clone or torch.compiler.is_compiling() else feat._version
-        try:
-            pred = head(feat)
-        except DeepSupError:
-            raise
-        except Exception as err:  # the user's own: re-raised as itself, with the tap named
-            add_note(
-                err,
+        pred = call_user(
+            head,
+            feat,
+            note=lambda: (
                 f"deepsup: raised in the head of tap {name!r} (input shape "
-                f"{tuple(feat.shape)}, dtype {feat.dtype})",
-            )
-            raise
+                f"{tuple(feat.shape)}, dtype {feat.dtype})"
+            ),
+        )
         if version >= 0 and feat._version != version:
             raise HeadError(
                 f"tap {name!r}: its head changed its input in place (an in-place op such as "
@@ -529,21 +525,7 @@ class DeepSupervision(nn.Module):
                 layout=s.pred_layout,
                 ignore_index=s.ignore_index,
             )
-        try:
-            loss = criterion(pred, target)
-        except DeepSupError:
-            raise
-        except Exception as err:  # the user's own: re-raised as itself, with the tap named
-            shape = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
-            tshape = (
-                tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
-            )
-            add_note(
-                err,
-                f"deepsup: raised in the criterion of tap {name!r} (prediction {shape}, "
-                f"target {tshape})",
-            )
-            raise
+        loss = call_user(criterion, pred, target, note=lambda: _criterion_note(name, pred, target))
         if not isinstance(loss, torch.Tensor):
             raise ConfigTypeError(
                 f"tap {name!r}: the criterion returned {type(loss).__name__}, not a tensor"
@@ -587,6 +569,16 @@ class DeepSupervision(nn.Module):
             "torch.jit.script(sup.unwrap()), or use torch.jit.trace / torch.export on the eval "
             "wrapper"
         )
+
+
+def _criterion_note(name: str, pred: Any, target: Any) -> str:
+    def shape(t: Any) -> Any:
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+    return (
+        f"deepsup: raised in the criterion of tap {name!r} (prediction {shape(pred)}, "
+        f"target {shape(target)})"
+    )
 
 
 def _weighted(loss: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
