@@ -205,10 +205,18 @@ def _missing_dependency() -> str | None:
 
 
 def _out_problem(out: str) -> str | None:
-    """``--out`` must be a folder this process can create and write into."""
-    path = Path(out)
+    """``--out`` must be a folder this process can create and write into (nothing is created)."""
+    path = Path(out).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"--out {out!r} is not a writable folder ({str(existing)!r} is a file)"
+    if existing != path:
+        if os.access(existing, os.W_OK | os.X_OK):
+            return None
+        return f"--out {out!r} is not a writable folder (cannot create it in {str(existing)!r})"
     try:
-        path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as err:
