@@ -429,7 +429,9 @@ class DeepSupervision(nn.Module):
                 "this DeepSupervision was unwrapped (its hooks are removed); train the model "
                 "through a new DeepSupervision(model, ...)"
             )
-        if torch.is_inference_mode_enabled():
+        # (eager only: Dynamo cannot trace the check, and compiled code under
+        # inference_mode fails on its own)
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             raise UsageError(
                 "a training forward under torch.inference_mode(): the aux heads need autograd "
                 "tensors (and BatchNorm would update its statistics). Call sup.eval() for "
