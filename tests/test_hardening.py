@@ -21,6 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import MLP, TinyCNN, TupleModel
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import deepsup
@@ -638,3 +640,34 @@ def test_cli_loads_a_module_from_the_current_folder_like_python_m(tmp_path: Path
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "Linear" in run.stdout
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    st.data(),
+)
+def test_ignore_aware_downsampling_properties(
+    batch: int, size_in: tuple[int, int], data: st.DataObject
+) -> None:
+    size_out = tuple(data.draw(st.integers(1, n)) for n in size_in)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    labels = torch.tensor([0, 1, 2, IGNORE])[torch.randint(0, 4, (batch, *size_in), generator=g)]
+    out = deepsup._resize.downsample_labels(labels, size_out, IGNORE)
+    nearest = deepsup._resize.downsample_target(labels, size_out)
+    assert out.shape == nearest.shape and out.dtype == labels.dtype
+    kept = nearest != IGNORE
+    assert torch.equal(out[kept], nearest[kept])  # nearest's pick wherever it is valid
+    rows = [int(i * size_in[0] // size_out[0]) for i in range(size_out[0] + 1)]
+    cols = [int(j * size_in[1] // size_out[1]) for j in range(size_out[1] + 1)]
+    rows[-1], cols[-1] = size_in
+    for i in range(size_out[0]):
+        for j in range(size_out[1]):
+            cell = labels[:, rows[i] : rows[i + 1], cols[j] : cols[j + 1]].reshape(batch, -1)
+            for b in range(batch):
+                valid = cell[b][cell[b] != IGNORE]
+                if len(valid) == 0:
+                    assert out[b, i, j] == IGNORE
+                else:
+                    assert out[b, i, j] in valid.tolist()  # a label of its own cell
