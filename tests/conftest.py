@@ -7,7 +7,17 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
+
+# Hypothesis: deterministic in CI (the same examples on every run, no example database), a wider
+# random search locally. Pick one with HYPOTHESIS_PROFILE=ci|dev; CI=true selects "ci".
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", max_examples=200)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE")
+    or ("ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev")
+)
 
 
 class TinyCNN(nn.Module):
