@@ -83,9 +83,14 @@ def test_resumed_wrapper_continues_with_the_right_weight() -> None:
     resumed.load_state_dict(state)
     assert resumed.progress == 7
     assert resumed.weights == pytest.approx({"fc1": 0.3, "fc2": 0.0})
+    # right after loading, before any step(): the losses carry the restored weights
+    x, y = torch.randn(3, 6), torch.tensor([0, 1, 2])
+    _, aux = resumed(x, target=y)
+    torch.testing.assert_close(aux["fc1"], 0.3 * aux.raw["fc1"])
+    assert aux.raw["fc2"] > 0 and aux["fc2"] == 0  # Cutoff(0.5, at=4) is off at 7
     resumed.step()
     assert resumed.weights["fc1"] == pytest.approx(0.2)
-    _, aux = resumed(torch.randn(3, 6), target=torch.tensor([0, 1, 2]))
+    _, aux = resumed(x, target=y)
     torch.testing.assert_close(aux["fc1"], 0.2 * aux.raw["fc1"])
 
 
