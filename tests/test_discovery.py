@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import timm
 import torch
 import torchvision
-from conftest import ReuseModel, TinyCNN
+from conftest import ReuseModel, TinyCNN, tree_env
 
 from deepsup import format_taps, list_taps
 from deepsup.__main__ import build_model, main
@@ -84,6 +85,8 @@ def test_cli_as_a_module() -> None:
         text=True,
         timeout=120,
         check=False,
+        env=tree_env(),
+        cwd=tempfile.gettempdir(),  # imports deepsup through tree_env's PYTHONPATH only
     )
     assert result.returncode == 0, result.stderr
     assert "features.6" in result.stdout
