@@ -92,6 +92,25 @@ def test_wrapping_a_wrapper(mlp: nn.Module) -> None:
         DeepSupervision(sup, "model.fc2", head=heads.classification(2))
 
 
+def test_the_wrapper_called_inside_its_own_forward(mlp: nn.Module) -> None:
+    holder: list[DeepSupervision] = []
+
+    class CallsBack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            holder[0](x)  # re-enters the wrapper's training forward
+            return self.fc(x)
+
+    model = nn.Sequential(CallsBack(), nn.Linear(6, 2))
+    holder.append(DeepSupervision(model, {"1": 1.0}, head=nn.Identity()))
+    with pytest.raises(RuntimeError, match=r"training forward was re-entered on the same thread"):
+        holder[0](torch.randn(2, 6))
+    assert holder[0]._capture.records() is None
+
+
 def test_tap_never_ran(train_only_model: nn.Module) -> None:
     model = train_only_model
     sup = DeepSupervision(model, "extra", head=heads.classification(2), criterion=CE)

@@ -115,6 +115,16 @@ def test_3d_and_1d_predictions() -> None:
     assert torch.equal(small, torch.tensor([[0, 2, 4, 6, 8]]))
 
 
+def test_dense_3d_targets_keep_their_channels() -> None:
+    pred, soft = torch.randn(1, 2, 2, 3, 4), torch.rand(1, 2, 4, 6, 8)
+    out, t = reconcile(pred, soft, resize="prediction", align_corners=False, tap="x")
+    assert t is soft
+    torch.testing.assert_close(out, F.interpolate(pred, size=(4, 6, 8), mode="trilinear"))
+    p2, small = reconcile(pred, soft, resize="target", align_corners=False, tap="x")
+    assert p2 is pred
+    assert torch.equal(small, soft[:, :, ::2, ::2, ::2])
+
+
 def test_equal_sizes_and_vectors_pass_through() -> None:
     p, t = torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)
     assert reconcile(p, t, resize=None, align_corners=False, tap="x") == (p, t)

@@ -50,6 +50,8 @@ def test_invalid_schedules(build: object, message: str) -> None:
 def test_schedule_equality_and_repr() -> None:
     assert schedules.Cutoff(0.4, at=3) == schedules.Cutoff(0.4, at=3)
     assert schedules.Cutoff(0.4, at=3) != schedules.Cutoff(0.4, at=4)
+    assert schedules.LinearDecay(0.4, 10) != schedules.CosineDecay(0.4, 10)  # same fields
+    assert len({schedules.LinearDecay(0.4, 10), schedules.LinearDecay(0.4, 10)}) == 1
     assert repr(schedules.LinearDecay(0.4, 10)) == "LinearDecay(start=0.4, total=10, end=0.0)"
 
 
@@ -92,6 +94,12 @@ def test_resumed_wrapper_continues_with_the_right_weight() -> None:
     assert resumed.weights["fc1"] == pytest.approx(0.2)
     _, aux = resumed(x, target=y)
     torch.testing.assert_close(aux["fc1"], 0.2 * aux.raw["fc1"])
+
+
+@pytest.mark.parametrize("weight", [True, "0.4", None], ids=["bool", "str", "none"])
+def test_a_weight_must_be_a_number_or_a_schedule(weight: object) -> None:
+    with pytest.raises(TypeError, match=r"weight must be a float or a deepsup\.schedules\."):
+        schedules.as_schedule(weight)  # type: ignore[arg-type]
 
 
 def test_progress_setter_validates() -> None:

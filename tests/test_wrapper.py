@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
+import re
 import threading
 
 import pytest
@@ -14,7 +16,8 @@ import torchvision
 from conftest import TinyCNN, bare_copy
 from torch import nn
 
-from deepsup import AuxLosses, DeepSupervision, Tap, heads, schedules
+from deepsup import AuxLosses, DeepSupervision, Tap, TapNotFoundError, heads, schedules
+from deepsup._taps import resolve_taps
 
 
 def _count_head_calls(sup: DeepSupervision) -> list[int]:
@@ -310,6 +313,28 @@ def test_glob_taps_match_direct_children_only() -> None:
     assert len(deep.taps) == 7
 
 
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("*.0", ["0.0"]),  # * stays within one name component, and matches the whole name
+        ("0.*", ["0.0", "0.1"]),
+        ("**.1", ["0.0.1", "0.1"]),  # ** crosses dots
+        ("0.?", ["0.0", "0.1"]),
+        ("0?0", []),  # ? is one character of a component, never a dot
+        ("0.[1]", ["0.1"]),
+    ],
+)
+def test_glob_rules_on_a_deeper_model(pattern: str, expected: list[str]) -> None:
+    model = nn.Sequential(
+        nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 4)), nn.Linear(4, 2)
+    )
+    if not expected:
+        with pytest.raises(TapNotFoundError, match=re.escape(f"pattern {pattern!r} matches no")):
+            resolve_taps(model, {pattern: 0.1})
+    else:
+        assert list(resolve_taps(model, {pattern: 0.1})) == expected
+
+
 def test_weight_zero_still_runs_the_head_and_gives_zero(mlp: nn.Module) -> None:
     sup = DeepSupervision(
         mlp,
@@ -363,6 +388,87 @@ def test_tuple_output_default_and_select(tuple_model: nn.Module) -> None:
     sup2 = DeepSupervision(bare_copy(tuple_model), {"block": Tap(select=1)}, head=nn.Identity())
     _, preds2 = sup2(x)
     torch.testing.assert_close(preds2["block"], h.softmax(-1))
+
+
+@dataclasses.dataclass
+class _Out:
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+class _Multi(nn.Module):
+    """Returns the same two tensors (h, 2h) packed as ``kind``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> object:
+        h = self.fc(x)
+        pair = (h, 2 * h)
+        if self.kind == "list":
+            return list(pair)
+        if self.kind == "dict":
+            return {"first": pair[0], "second": pair[1]}
+        if self.kind == "dataclass":
+            return _Out(*pair)
+        return pair
+
+
+@pytest.mark.parametrize(
+    ("kind", "select", "factor"),
+    [
+        ("tuple", None, 1),
+        ("tuple", -1, 2),
+        ("list", None, 1),
+        ("list", 1, 2),
+        ("dict", None, 1),
+        ("dict", "second", 2),
+        ("dataclass", None, 1),
+        ("dataclass", "second", 2),
+        ("tuple", lambda out: out[1], 2),
+    ],
+    ids=["tuple", "tuple-neg", "list", "list-1", "dict", "dict-key", "dc", "dc-attr", "callable"],
+)
+def test_select_picks_the_tensor_of_any_output(kind: str, select: object, factor: int) -> None:
+    model = nn.Sequential(_Multi(kind))
+    outer = nn.Sequential(model, nn.Identity())
+    sup = DeepSupervision(outer, {"0.0": Tap(select=select)}, head=nn.Identity())  # type: ignore[arg-type]
+    x = torch.randn(2, 4)
+    _, preds = sup(x)
+    torch.testing.assert_close(preds["0.0"], factor * model[0].fc(x))
+
+
+def test_token_channels_come_from_the_last_dim_in_the_dry_run(tuple_model: nn.Module) -> None:
+    x = torch.randn(2, 7, 5)  # 7 tokens of width 5 -> (2, 7, 8) after embed, a tuple from block
+    sup = DeepSupervision(
+        tuple_model,
+        "block",
+        head=heads.tokens(3),
+        criterion=nn.CrossEntropyLoss(),
+        example_input=x,
+    )
+    assert sup.heads["block"].fc.in_features == 8  # C of (B, N, C), not N
+    _, aux = sup(x, target=torch.tensor([0, 2]))
+    assert aux.raw["block"] > 0
+
+
+def test_the_dry_run_builds_no_graph_and_keeps_gradients_clean() -> None:
+    seen: list[bool] = []
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.is_grad_enabled())
+            return self.fc(x)
+
+    model = nn.Sequential(Probe(), nn.Linear(5, 2))
+    DeepSupervision(model, "0", head=heads.classification(2), example_input=torch.randn(1, 3))
+    assert seen == [False]  # the dry run ran once, without autograd
 
 
 def test_clone_true_gives_the_pre_inplace_features() -> None:
