@@ -281,6 +281,9 @@ def test_bad_arguments(mlp: nn.Module) -> None:
         r"\(got 'every'\)",
     ):
         Tap(calls="every")  # type: ignore[arg-type]
+    for bad in (0, -3, True, 2.0):
+        with pytest.raises(ValueError, match=rf"in_channels must be a positive int \(got {bad}\)"):
+            Tap(in_channels=bad)  # type: ignore[arg-type]
     with pytest.raises(
         TypeError,
         match=r"weight must be a float or a deepsup\.schedules\."

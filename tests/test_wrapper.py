@@ -313,6 +313,23 @@ def test_glob_taps_match_direct_children_only() -> None:
     assert len(deep.taps) == 7
 
 
+def test_taps_follow_the_models_module_order(tiny_cnn: TinyCNN) -> None:
+    sup = DeepSupervision(
+        tiny_cnn,
+        {"stage2": 0.1, "stem": 0.2, "stage1.*": 0.3},
+        head=heads.seg(3),
+        criterion=nn.CrossEntropyLoss(),
+        clone=True,
+    )
+    order = ["stem", "stage1.0", "stage1.1", "stage2"]
+    assert list(sup.taps) == list(sup.heads) == order
+    assert sup.weights == {"stem": 0.2, "stage1.0": 0.3, "stage1.1": 0.3, "stage2": 0.1}
+    _, aux = sup(torch.randn(2, 3, 16, 16), target=torch.randint(0, 3, (2, 16, 16)))
+    assert list(aux) == order
+    for name, weight in sup.weights.items():
+        torch.testing.assert_close(aux[name], weight * aux.raw[name])
+
+
 @pytest.mark.parametrize(
     ("pattern", "expected"),
     [
