@@ -11,7 +11,7 @@ update or delete the mutation).
 Each run is a fork of this process, which imported torch, torchvision and timm once, so a mutant
 costs its tests, not the imports (POSIX only).
 
-Usage (from the repository root, in the dev venv; about 1 min per mutant on 2 busy cores)::
+Usage (from the repository root, in the dev venv; 2-60 s per mutant on 2 shared cores)::
 
     nice -n 10 python tools/mutate.py                  # all mutations, fast tests
     python tools/mutate.py --list                      # names and whether each applies
