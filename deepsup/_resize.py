@@ -49,7 +49,7 @@ def _target_spatial(
 
 
 def nearest_indices(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
-    """``F.interpolate(mode='nearest')``'s source indices: floor(i * in / out)."""
+    """The source index of each output index ``i``: ``floor(i * in / out)``, in integers."""
     return torch.div(
         torch.arange(size_out, device=device) * size_in, size_out, rounding_mode="floor"
     )
@@ -58,13 +58,22 @@ def nearest_indices(size_in: int, size_out: int, device: torch.device) -> torch.
 def downsample_target(target: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Nearest-neighbour downsampling by indexing: exact for any dtype, ignore labels kept.
 
-    Picks the same pixels as ``F.interpolate(..., mode="nearest")`` without a float round trip.
+    Along each resized dim, output index ``i`` takes source index ``floor(i * in / out)``,
+    computed in exact integer arithmetic; the values are copied, never converted to float.
+
+    This is the rule of ``F.interpolate(..., mode="nearest")``, but torch computes the index in
+    float32 (``floor(i * (in / out))``; on the CPU, float64 inputs excepted), which rounds an
+    exact integer quotient down by one for some sizes: 26 -> 22 (``i = 11``: 13 here, 12 in
+    torch), 39 -> 33, 52 -> 44, 62 -> 56, ... (11 pairs with ``in <= 64``). There the two pick
+    a different row; everywhere else they agree. deepsup keeps the exact rule.
 
     Example:
         >>> t = torch.arange(16).reshape(1, 4, 4)
         >>> downsample_target(t, (2, 2))
         tensor([[[ 0,  2],
                  [ 8, 10]]])
+        >>> downsample_target(torch.arange(26)[None], (22,))[0, 11]  # floor(11 * 26 / 22) = 13
+        tensor(13)
     """
     k = len(size)
     out = target
