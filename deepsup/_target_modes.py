@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ._errors import TargetError
+from ._errors import ConfigError, TargetError
 
 __all__ = ["downsample_target_as", "max_target", "nearest_exact_indices", "soft_target"]
 
@@ -65,6 +65,11 @@ def _pool(
     return out[0] if isinstance(out, tuple) else out
 
 
+def _valid(target: torch.Tensor, num_classes: int, ignore_index: int | None) -> torch.Tensor:
+    valid = (target >= 0) & (target < num_classes)
+    return valid if ignore_index is None else valid & (target != ignore_index)
+
+
 def soft_target(
     target: torch.Tensor,
     size: tuple[int, ...],
@@ -72,10 +77,12 @@ def soft_target(
     num_classes: int,
     dense: bool,
     dtype: torch.dtype = torch.float32,
+    ignore_index: int | None = None,
 ) -> torch.Tensor:
     """The fraction of each class in each cell: a (B, C, *size) soft target.
 
-    Class indices outside ``[0, num_classes)`` (ignore labels: 255, -100) are left out: the
+    Class indices outside ``[0, num_classes)`` (ignore labels: 255, -100), and
+    ``ignore_index``, are left out: the
     fractions are over the cell's valid pixels and sum to 1 there; a cell with no valid pixel is
     all zeros (it adds 0 to a cross-entropy with probability targets). A dense target
     (B, C, *S) is averaged per channel (masks and probabilities stay masks and probabilities).
@@ -89,7 +96,7 @@ def soft_target(
     if dense:
         x = target if target.is_floating_point() else target.to(dtype)
         return _pool(_AVG, x, size)
-    valid = (target >= 0) & (target < num_classes)
+    valid = _valid(target, num_classes, ignore_index)
     onehot = F.one_hot(torch.where(valid, target, 0).long(), num_classes).to(dtype)
     onehot = onehot.mul_(valid.unsqueeze(-1).to(dtype)).movedim(-1, 1)
     share = _pool(_AVG, onehot, size)
@@ -98,13 +105,19 @@ def soft_target(
 
 
 def max_target(
-    target: torch.Tensor, size: tuple[int, ...], *, num_classes: int, dense: bool
+    target: torch.Tensor,
+    size: tuple[int, ...],
+    *,
+    num_classes: int,
+    dense: bool,
+    ignore_index: int | None = None,
 ) -> torch.Tensor:
     """A cell is positive where any of its pixels is; same dtype as ``target``.
 
     Dense targets (binary or multi-label masks, B, C, *S) are max-pooled per channel. Class
     indices (B, *S) take the cell's highest valid class, so a lesion labelled above the organ
-    around it survives downsampling; ignore labels (outside ``[0, num_classes)``) only where the
+    around it survives downsampling; ignore labels (outside ``[0, num_classes)``, and
+    ``ignore_index``) only where the
     whole cell is ignored. Values pass through float32: exact up to 2**24.
 
     Example:
@@ -115,7 +128,7 @@ def max_target(
     x = target.float()
     if dense:
         return _pool(_MAX, x, size).to(target.dtype)
-    valid = (target >= 0) & (target < num_classes)
+    valid = _valid(target, num_classes, ignore_index)
     best = _pool(_MAX, torch.where(valid, x, -1.0).unsqueeze(1), size)[:, 0]
     whole = _pool(_MAX, x.unsqueeze(1), size)[:, 0]
     return torch.where(best >= 0, best, whole).to(target.dtype)
@@ -130,6 +143,7 @@ def downsample_target_as(
     dense: bool,
     dtype: torch.dtype,
     tap: str,
+    ignore_index: int | None = None,
 ) -> torch.Tensor:
     """Downsample ``target`` to the spatial ``size`` with ``mode`` (not ``"nearest"``).
 
@@ -148,7 +162,19 @@ def downsample_target_as(
         )
     if mode == "soft":
         soft_dtype = dtype if dtype.is_floating_point else torch.float32
-        return soft_target(target, size, num_classes=num_classes, dense=dense, dtype=soft_dtype)
+        return soft_target(
+            target,
+            size,
+            num_classes=num_classes,
+            dense=dense,
+            dtype=soft_dtype,
+            ignore_index=ignore_index,
+        )
     if mode == "max":
-        return max_target(target, size, num_classes=num_classes, dense=dense)
-    raise TargetError(f"tap {tap!r}: unknown target interpolation {mode!r}")
+        return max_target(
+            target, size, num_classes=num_classes, dense=dense, ignore_index=ignore_index
+        )
+    raise ConfigError(
+        f"tap {tap!r}: unknown target interpolation {mode!r}; use 'nearest', "
+        "'nearest-exact', 'soft' or 'max'"
+    )

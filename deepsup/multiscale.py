@@ -30,7 +30,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from ._errors import ConfigError, TargetError
-from ._resize import TARGET_MODES, downsample_target
+from ._resize import TARGET_MODES, downsample_labels, downsample_target
 from ._target_modes import downsample_target_as
 
 __all__ = ["RULES", "Rule", "ScaleWeights", "downsample", "scale_weights"]
@@ -103,6 +103,7 @@ def downsample(
     interpolation: str = "nearest",
     *,
     num_classes: int | None = None,
+    ignore_index: int | None = None,
 ) -> torch.Tensor:
     """Downsample a target as ``DeepSupervision(resize="target", interpolation=...)`` does.
 
@@ -115,6 +116,9 @@ def downsample(
         num_classes: the class count, needed by ``"soft"`` on class indices; with ``"max"`` on
             class indices, labels outside ``[0, num_classes)`` are ignore labels (without it,
             every label >= 0 is a class).
+        ignore_index: the ignore label, as ``Tap(ignore_index=...)``: ``"nearest"`` on class
+            indices is then ignore-aware (a cell is ignored only if all its pixels are), and
+            ``"soft"`` and ``"max"`` leave it out of their cells.
 
     Returns:
         The target at ``size``: ``"soft"`` gives (B, C, *size) float class fractions, the other
@@ -125,6 +129,8 @@ def downsample(
         >>> t = torch.tensor([[0, 0, 2, 0, 1, 1, 1, 1]])
         >>> downsample(t, (2,)), downsample(t, (2,), "max")
         (tensor([[0, 1]]), tensor([[2, 1]]))
+        >>> downsample(torch.tensor([[255, 3, 255, 4]]), (2,), ignore_index=255)
+        tensor([[3, 4]])
         >>> downsample(t, (2,), "soft", num_classes=3)
         tensor([[[0.7500, 0.0000],
                  [0.0000, 1.0000],
@@ -143,7 +149,9 @@ def downsample(
     if tuple(target.shape[-k:]) == size:
         return target
     if interpolation == "nearest":
-        return downsample_target(target, size)
+        if dense:
+            return downsample_target(target, size)
+        return downsample_labels(target, size, ignore_index)
     if num_classes is None:
         if interpolation == "soft" and not dense:
             raise ConfigError("interpolation='soft' on class indices needs num_classes= (got None)")
@@ -156,4 +164,5 @@ def downsample(
         dense=dense,
         dtype=torch.float32,
         tap="downsample",
+        ignore_index=ignore_index,
     )

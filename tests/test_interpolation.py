@@ -366,3 +366,81 @@ def test_target_modes_compile_in_one_graph(mode: str) -> None:
     _, ref = sup(x, target=y)
     for name in ref:
         torch.testing.assert_close(aux[name], ref[name])
+
+
+# with explicit layouts and ignore labels ----------------------------------------------------
+
+
+class _ToNHWC(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.movedim(1, -1)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact", "soft", "max"])
+@pytest.mark.parametrize("dense", [False, True], ids=["labels", "dense"])
+def test_nhwc_predictions_get_their_targets_in_their_layout(mode: str, dense: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), _ToNHWC(), nn.Flatten())
+    seen: list[torch.Tensor] = []
+
+    def criterion(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        seen.append(target)
+        t = target.movedim(-1, 1) if target.dim() == pred.dim() else target
+        return F.cross_entropy(pred.movedim(-1, 1), t.float() if dense else t)
+
+    sup = DeepSupervision(model, {"1": Tap(1.0, layout="NHWC")}, head=nn.Linear(4, 3),
+                          criterion=criterion, resize="target", interpolation=mode)  # fmt: skip
+    y = torch.randint(0, 3, (2, 8, 8))
+    target = F.one_hot(y, 3) if dense else y  # dense: (B, H, W, K), the prediction's layout
+    x = torch.randn(2, 1, 8, 8)
+    _, aux = sup(x, target=target)
+    pred = sup.heads["1"](model[1](model[0](x)))
+    assert pred.shape == (2, 4, 4, 3)
+    if mode == "nearest":
+        small = target[:, ::2, ::2]
+    elif mode == "nearest-exact":
+        small = target[:, 1::2, 1::2]
+    elif mode == "soft":
+        small = soft_target(
+            target.movedim(-1, 1) if dense else target, (4, 4), num_classes=3, dense=dense
+        ).movedim(1, -1)
+    else:
+        small = max_target(
+            target.movedim(-1, 1) if dense else target, (4, 4), num_classes=3, dense=dense
+        )
+        small = small.movedim(1, -1) if dense else small
+    torch.testing.assert_close(seen[0], small)
+    torch.testing.assert_close(aux["1"], criterion(pred, small))
+
+
+def test_the_pyramid_keeps_taps_with_other_ignore_labels_apart() -> None:
+    seen: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str) -> Any:
+        def criterion(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            seen[name] = target
+            return F.cross_entropy(pred, target, ignore_index=255)
+
+        return criterion
+
+    # a and b have the same scale and rule; only their ignore labels differ
+    taps = {
+        "a": Tap(0.5, criterion=recorder("a"), ignore_index=255),
+        "b": Tap(0.5, criterion=recorder("b"), ignore_index=None),
+    }
+    sup = DeepSupervision(_TwoScales(), taps, head=nn.Conv2d(4, 3, 1), resize="target")
+    y = torch.randint(0, 3, (2, 8, 8))
+    y[..., ::2] = 255  # every other column ignored: plain nearest picks only ignored pixels
+    sup(torch.randn(2, 1, 8, 8), target=y)
+    assert (seen["b"] == 255).all()
+    torch.testing.assert_close(seen["a"], y[:, ::2, 1::2])  # ignore-aware: each cell's valid
+
+
+def test_tap_interpolation_is_checked_at_construction() -> None:
+    assert Tap(interpolation=None) == Tap()  # None is "inherit", as for the other fields
+    with pytest.raises(ConfigError, match="'bogus'"):
+        Tap(interpolation="bogus")
+    with pytest.raises(ConfigError, match="resize='target'"):
+        Tap(resize="prediction", interpolation="soft")
+    with pytest.raises(ConfigError, match="no effect with resize=None"):
+        Tap(resize=None, interpolation="nearest")
