@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 from voc_data import (  # the helper module next to this file
+    DIFFICULTIES,
     IGNORE_INDEX,
     NUM_CLASSES,
     VOC_CLASSES,
@@ -103,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache-dir",
         default=os.path.join(_cache_home(), "deepsup", "voc-synthetic"),
         help="where the synthetic data set is written",
+    )
+    data.add_argument(
+        "--synthetic",
+        choices=DIFFICULTIES,
+        default="easy",
+        help="synthetic set: 'hard' has confusable classes, small objects and clutter",
     )
     data.add_argument("--synthetic-train", type=int, default=400, help="synthetic training images")
     data.add_argument("--synthetic-val", type=int, default=60, help="synthetic validation images")
@@ -195,19 +202,31 @@ class Dist:
 # --------------------------------------------------------------------------- data
 
 
+def prepare_synthetic(args: argparse.Namespace, *, write: bool = True) -> Path:
+    """The synthetic set's folder in ``--cache-dir`` (one per size, seed and difficulty).
+
+    With ``write`` it is generated unless already there; run that in one process only (a
+    sweep does it before starting its runs), since a rewrite replaces the folder.
+    """
+    name = f"n{args.synthetic_train}-{args.synthetic_val}-seed{args.seed}"
+    if args.synthetic != "easy":
+        name += f"-{args.synthetic}"
+    root = Path(args.cache_dir) / name
+    if write:
+        generate_synthetic_voc(
+            root,
+            num_train=args.synthetic_train,
+            num_val=args.synthetic_val,
+            seed=args.seed,
+            difficulty=args.synthetic,
+        )
+    return root
+
+
 def build_datasets(args: argparse.Namespace, env: Dist) -> tuple[VOCSegDataset, VOCSegDataset]:
     data_root = args.data_root
     if data_root is None:
-        data_root = (
-            Path(args.cache_dir) / f"n{args.synthetic_train}-{args.synthetic_val}-seed{args.seed}"
-        )
-        if env.main:
-            generate_synthetic_voc(
-                data_root,
-                num_train=args.synthetic_train,
-                num_val=args.synthetic_val,
-                seed=args.seed,
-            )
+        data_root = prepare_synthetic(args, write=env.main)
         env.barrier()
     if args.train_list:
         images, labels = read_list_file(args.train_list, data_root)
