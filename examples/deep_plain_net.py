@@ -79,6 +79,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.depth < 4:
         p.error(f"--depth must be >= 4 (got {args.depth})")
+    if args.epochs < 1:
+        p.error(f"--epochs must be >= 1 (got {args.epochs})")
     if args.taps is None:
         args.taps = sorted({args.depth // 4, args.depth // 2, 3 * args.depth // 4})
     bad = [t for t in args.taps if not 0 <= t < args.depth - 1]
