@@ -173,4 +173,4 @@ def test_deep_plain_net_variants_start_from_the_same_network() -> None:
     torch.manual_seed(0)
     b = deep_plain_net.PlainNet(6, 4)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-    assert sorted(sup.taps) == ["blocks.1", "blocks.3"]
+    assert sorted(sup.taps) == ["blocks.1", "blocks.3", "blocks.4"]  # depth / 4, / 2, 3 / 4
