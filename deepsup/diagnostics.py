@@ -247,9 +247,10 @@ class GradientFlow:
             return [v if v > 0 else math.nan for v in values]
 
         top.plot(depth, positive([r["main"] for r in self.rows]), "o-", ms=3, label="main loss")
+        colours = {tap: f"C{i + 1}" for i, tap in enumerate(self.taps)}  # C0: the main loss
         for tap in self.taps:
             values = positive([r["aux"][tap] for r in self.rows])
-            top.plot(depth, values, ".--", ms=3, label=f"aux loss at {tap}")
+            top.plot(depth, values, ".--", ms=3, color=colours[tap], label=f"aux loss at {tap}")
         if self.taps:
             top.plot(depth, positive([r["total"] for r in self.rows]), "-", color="black",
                      alpha=0.5, lw=2, label="total (main + aux)")  # fmt: skip
@@ -263,7 +264,8 @@ class GradientFlow:
                          va="top", ha="right", fontsize=7, color="grey")  # fmt: skip
         top.legend(fontsize=8)
         for tap in self.taps:
-            bottom.plot(depth, [r["cosine"][tap] for r in self.rows], ".-", ms=3, label=tap)
+            cosines = [r["cosine"][tap] for r in self.rows]
+            bottom.plot(depth, cosines, ".-", ms=3, color=colours[tap], label=tap)
         bottom.axhline(0, color="black", lw=0.8)
         bottom.set(ylim=(-1.05, 1.05), xlabel="depth (execution order of modules with parameters)",
                    ylabel="cosine(main, aux)")  # fmt: skip
