@@ -32,6 +32,16 @@ def deep_plain(depth: int = 12, width: int = 6) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def bn_net(in_channels: int, classes: int) -> nn.Sequential:
+    """Conv, BatchNorm, ReLU, Dropout and pooling: state that a diagnostic must leave alone."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+        nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes),
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- exactness
 
 
@@ -207,18 +217,7 @@ def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
 @pytest.mark.parametrize("mode", ["eval", "train", "mixed"])
 def test_gradient_flow_has_no_side_effects(mode: str) -> None:
     torch.manual_seed(3)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Dropout(0.5),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    )
+    model = bn_net(3, 4)
     sup = DeepSupervision(
         model,
         {"1": 0.4},
@@ -418,22 +417,7 @@ def test_suggest_taps_ranks_the_most_decayed_boundaries_first() -> None:
 
 
 def test_suggest_taps_has_no_side_effects() -> None:
-    model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Dropout(0.5),
-        nn.Linear(4, 3),
-    ).eval()
+    model = bn_net(1, 3).eval()
     x, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
     before = snapshot(model)
     suggest_taps(model, x, target=y, criterion=nn.CrossEntropyLoss())
