@@ -12,6 +12,7 @@ Example:
     ['0']
 """
 
+from . import diagnostics as diagnostics
 from . import heads as heads
 from . import schedules as schedules
 from ._discovery import TapInfo as TapInfo
@@ -48,6 +49,7 @@ __all__ = [
     "TapOutputError",
     "TargetError",
     "__version__",
+    "diagnostics",
     "format_taps",
     "heads",
     "list_taps",

@@ -29,11 +29,12 @@ from ._discovery import list_taps
 from ._errors import DeepSupError
 from .wrapper import DeepSupervision
 
-__all__ = ["GradientFlow", "TapSuggestion", "gradient_flow", "suggest_taps"]
+__all__ = ["DiagnosticsError", "GradientFlow", "TapSuggestion", "gradient_flow", "suggest_taps"]
 
 
 class DiagnosticsError(DeepSupError, ValueError):
-    """A diagnostic cannot run on this model or with these arguments."""
+    """A diagnostic cannot run on this model or with these arguments (or matplotlib is missing
+    for :meth:`GradientFlow.plot`)."""
 
 
 # --------------------------------------------------------------------------- side effects
