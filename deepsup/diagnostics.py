@@ -44,7 +44,8 @@ class DiagnosticsError(DeepSupError, ValueError):
 def _preserved(module: nn.Module) -> Iterator[None]:
     """Restore ``.grad``, buffers, train/eval modes and the RNG state of ``module`` on exit."""
     modes = [(m, m.training) for m in module.modules()]
-    grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in module.parameters()]
+    grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone())
+             for p in module.parameters()]  # fmt: skip
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     cpu_rng = torch.get_rng_state()
     cuda = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
@@ -56,8 +57,10 @@ def _preserved(module: nn.Module) -> Iterator[None]:
         for m, mode in modes:
             m.training = mode
         with torch.no_grad():
-            for p, g in grads:
+            for p, g, saved_grad in grads:  # the same tensor objects, with their values
                 p.grad = g
+                if g is not None and saved_grad is not None:
+                    g.copy_(saved_grad)
             for b, saved in buffers:
                 b.copy_(saved)
         torch.set_rng_state(cpu_rng)

@@ -238,12 +238,14 @@ def test_gradient_flow_has_no_side_effects(mode: str) -> None:
         model[1].train()
         sup.heads.train()
     sup.step(3)
+    grad_objects = [p.grad for p in sup.parameters()]
     before = snapshot(sup)
     progress = sup.progress
 
     gradient_flow(sup, x, target=y, criterion=nn.CrossEntropyLoss())
 
     assert_same(before, snapshot(sup))
+    assert all(p.grad is g for p, g in zip(sup.parameters(), grad_objects, strict=True))
     assert sup.progress == progress
     assert torch.rand(3).tolist() == (torch.set_rng_state(before["rng"]) or torch.rand(3).tolist())
 
