@@ -47,10 +47,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         epilog="Other flags (after --) go to pspnet_voc.py unchanged.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 1.0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--weights", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 1.0], help="aux weights"
+    )
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (data, init, batch order)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--jobs", type=int, help="runs at once (default: cores / threads)")
+    p.add_argument("--jobs", type=int, help="runs at once; None: cores / threads")
     p.add_argument("--out", default="runs/aux_weight_sweep", help="output folder")
     args, rest = p.parse_known_args(argv)
     if rest[:1] == ["--"]:

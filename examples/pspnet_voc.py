@@ -11,6 +11,10 @@ layout to a cache folder and trains a configuration sized for a laptop CPU (a fe
 
     python examples/pspnet_voc.py
 
+``--synthetic hard`` writes a harder set instead (confusable classes, small objects, clutter),
+on which ablations have room to differ; ``examples/aux_weight_sweep.py`` runs this script over
+aux weights and seeds (see docs/evidence.md).
+
 The reference recipe on real VOC 2012 + SBD (10,582 training images), 8 GPUs::
 
     torchrun --nproc_per_node 8 examples/pspnet_voc.py --data-root /data/voc \\
