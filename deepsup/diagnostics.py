@@ -442,7 +442,8 @@ def suggest_taps(
     too little of the network, or duplicates the output. Each candidate is scored by the exact
     main-loss gradient (one training forward, autograd, no side effects) on the last parameters
     before it, as RMS relative to the model's last parameters; following Wang et al. (2015), the
-    most decayed come first, with candidates kept at least a few modules apart.
+    most decayed come first, kept at least ``n / (k + 1)`` modules apart (``n``: modules with
+    parameters) so that the picks spread over the depth.
 
     Args:
         model: the bare model (not wrapped).
@@ -513,7 +514,7 @@ def suggest_taps(
             "deepsup.list_taps(model, example_input)"
         )
     scored.sort(key=lambda s: (math.isnan(s[0]), s[0], s[1]))
-    gap = max(1, n // (2 * (k + 1)))
+    gap = max(1, n // (k + 1))  # spread the picks over the depth
     picked: list[TapSuggestion] = []
     for attenuation, neg_depth, name, shape, nxt, marked in scored:
         depth = -neg_depth
