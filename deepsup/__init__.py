@@ -12,6 +12,7 @@ Example:
     ['0']
 """
 
+from . import diagnostics as diagnostics
 from . import heads as heads
 from . import schedules as schedules
 from ._discovery import TapInfo as TapInfo
@@ -60,6 +61,7 @@ __all__ = [
     "TargetError",
     "UsageError",
     "__version__",
+    "diagnostics",
     "format_taps",
     "heads",
     "list_taps",
