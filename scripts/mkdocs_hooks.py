@@ -114,11 +114,14 @@ def api_markdown(package_name: str = "deepsup") -> str:
         lines += [f"## {title}", ""]
         lines += [f"::: {package_name}.{name}\n" for name in names]
     for sub in public_submodules(package):
-        own = [n for n in getattr(sub, "__all__", []) if id(getattr(sub, n)) not in top]
-        shown_above = [n for n in getattr(sub, "__all__", []) if n not in own]
-        if not own and id(sub) not in top:
+        listed = getattr(sub, "__all__", None)
+        own = [n for n in listed or [] if id(getattr(sub, n)) not in top]
+        shown_above = [n for n in listed or [] if n not in own]
+        if listed is not None and not own and id(sub) not in top:
             continue  # an implementation module (deepsup.wrapper): its names are above
         members = "[" + ", ".join(own) + "]" if own else "false"
+        if listed is None:
+            members = "true"  # no __all__: mkdocstrings shows its public names
         lines += [
             f"::: {sub.__name__}",
             "    options:",

@@ -242,3 +242,13 @@ def test_the_plotted_weights_are_the_schedules_values(tmp_path: Path) -> None:
 def test_snippet_lines_are_replaced_by_the_file() -> None:
     example = (ROOT / "examples" / "minimal.py").read_text().strip()
     assert any(block.strip() == example for block in _blocks(ROOT / "docs" / "quickstart.md"))
+
+
+def test_every_docs_page_is_in_the_site_nav() -> None:
+    nav = set(re.findall(r"^\s+- [^:]+: (\S+\.md)$", (ROOT / "mkdocs.yml").read_text(), re.M))
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert nav <= pages, f"mkdocs.yml's nav names pages that do not exist: {sorted(nav - pages)}"
+    assert not pages - nav, (
+        f"docs/ pages missing from the site's nav in mkdocs.yml: {sorted(pages - nav)}; add "
+        "each under `nav:` (mkdocs build --strict fails on them too)"
+    )
