@@ -102,8 +102,8 @@ TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
 
 
 def _load_script(name: str) -> types.ModuleType:
-    """A module from scripts/ (not a package), imported by path."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    """A module from tools/ (not a package), imported by path."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -203,7 +203,7 @@ def test_the_api_reference_has_every_public_name() -> None:
             if not {full, also} & (directives | members):
                 missing.append(full)
     assert not missing, (
-        f"the API reference leaves out {missing}; scripts/mkdocs_hooks.py builds it from "
+        f"the API reference leaves out {missing}; tools/mkdocs_hooks.py builds it from "
         "`deepsup.__all__` and the public submodules' `__all__`"
     )
     assert {"deepsup.DeepSupervision", "deepsup.heads", "deepsup.models"} <= directives
@@ -223,7 +223,7 @@ def test_every_schedule_has_a_plot_on_the_schedules_page() -> None:
     ]
     assert not missing, (
         f"schedules {missing} have no plot on docs/schedules.md: add an example to EXAMPLES in "
-        "scripts/plot_schedules.py, run it, and add a section with the image to the page"
+        "tools/plot_schedules.py, run it, and add a section with the image to the page"
     )
 
 

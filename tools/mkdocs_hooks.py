@@ -7,7 +7,7 @@ module that defines it, then one section per public submodule (``deepsup.heads``
 at the top level. A name added to ``__all__`` or a new public submodule appears without editing
 the page; `GROUPS` only gives known groups a title and an order.
 
-`python scripts/mkdocs_hooks.py` prints the generated Markdown.
+`python tools/mkdocs_hooks.py` prints the generated Markdown.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Plot every weight schedule of `deepsup.schedules` for the docs (docs/assets/schedules/*.png).
 
-python scripts/plot_schedules.py [--out docs/assets/schedules]
+python tools/plot_schedules.py [--out docs/assets/schedules]
 
 Each schedule is evaluated through a real `DeepSupervision` wrapper: `sup.step()` advances the
 progress and `sup.weights` is read back, so the plots show the weight the aux loss gets. A new
