@@ -252,3 +252,10 @@ def test_every_docs_page_is_in_the_site_nav() -> None:
         f"docs/ pages missing from the site's nav in mkdocs.yml: {sorted(pages - nav)}; add "
         "each under `nav:` (mkdocs build --strict fails on them too)"
     )
+
+
+def test_the_readme_links_every_site_page() -> None:
+    nav = re.findall(r"^\s+- [^:]+: (\S+\.md)$", (ROOT / "mkdocs.yml").read_text(), re.M)
+    readme = (ROOT / "README.md").read_text()
+    missing = [page for page in nav if f"](docs/{page})" not in readme]
+    assert not missing, f"README.md's Documentation list does not link {missing}"
