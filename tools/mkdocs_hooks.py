@@ -15,12 +15,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import re
 import types
 from typing import Any
 
 MARKER = "<!-- deepsup-api -->"
 
-# Defining module -> (section title, names shown first). Modules not listed get the first line of
+# Defining module -> (section title, names shown first). Modules not listed get the first clause of
 # their docstring as the title and come after these, before the errors.
 GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "deepsup.wrapper": ("The wrapper", ("DeepSupervision",)),
@@ -36,7 +37,7 @@ NOT_SUBMODULES = {"__main__"}
 
 def _title_from_docstring(module: types.ModuleType) -> str:
     doc = inspect.getdoc(module) or module.__name__
-    return doc.splitlines()[0].rstrip(".").replace("``", "`")
+    return re.split(r"[.:;]\s", doc.splitlines()[0] + " ")[0].replace("``", "`")
 
 
 def _defining_module(package: types.ModuleType, name: str) -> str:
