@@ -12,6 +12,7 @@ Example:
     ['0']
 """
 
+from . import diagnostics as diagnostics
 from . import heads as heads
 from . import multiscale as multiscale
 from . import schedules as schedules
@@ -61,6 +62,7 @@ __all__ = [
     "TargetError",
     "UsageError",
     "__version__",
+    "diagnostics",
     "format_taps",
     "heads",
     "list_taps",
