@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="training steps (batches of 16)")
     args = parser.parse_args()
     torch.manual_seed(0)
+
     model = torchvision.models.resnet18(num_classes=4)  # any classifier, unmodified
     criterion = nn.CrossEntropyLoss()
     sup = DeepSupervision(
@@ -33,7 +34,6 @@ def main() -> None:
         criterion=criterion,
     )
     optimizer = torch.optim.Adam(sup.parameters(), lr=1e-3)  # heads included
-
     sup.train()
     for step in tqdm(range(args.steps), desc="training"):
         images, labels = make_batch(16)
@@ -51,7 +51,7 @@ def main() -> None:
     images, labels = make_batch(256)
     with torch.no_grad():
         predictions = sup(images).argmax(dim=1)
-        assert torch.equal(predictions, model(images).argmax(dim=1))  # sup is the model now
+        assert torch.equal(predictions, model(images).argmax(dim=1))  # sup(x) is model(x)
     print(f"accuracy on 256 new images: {(predictions == labels).float().mean().item():.1%}")
 
 
