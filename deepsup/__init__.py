@@ -12,7 +12,9 @@ Example:
     ['0']
 """
 
+from . import exits as exits
 from . import heads as heads
+from . import losses as losses
 from . import schedules as schedules
 from ._discovery import TapInfo as TapInfo
 from ._discovery import format_taps as format_taps
@@ -22,6 +24,7 @@ from ._errors import ChannelInferenceError as ChannelInferenceError
 from ._errors import DeepSupError as DeepSupError
 from ._errors import DeepSupScriptError as DeepSupScriptError
 from ._errors import DeepSupWarning as DeepSupWarning
+from ._errors import EarlyExitError as EarlyExitError
 from ._errors import TapNotFoundError as TapNotFoundError
 from ._errors import TapOutputError as TapOutputError
 from ._errors import TargetError as TargetError
@@ -29,6 +32,7 @@ from ._state import model_state_dict as model_state_dict
 from ._state import param_groups as param_groups
 from ._taps import Tap as Tap
 from ._version import __version__ as __version__
+from .exits import EarlyExit as EarlyExit
 from .wrapper import AuxLosses as AuxLosses
 from .wrapper import DeepSupervision as DeepSupervision
 from .wrapper import HeadDict as HeadDict
@@ -41,6 +45,8 @@ __all__ = [
     "DeepSupScriptError",
     "DeepSupWarning",
     "DeepSupervision",
+    "EarlyExit",
+    "EarlyExitError",
     "HeadDict",
     "Tap",
     "TapInfo",
@@ -48,9 +54,11 @@ __all__ = [
     "TapOutputError",
     "TargetError",
     "__version__",
+    "exits",
     "format_taps",
     "heads",
     "list_taps",
+    "losses",
     "model_state_dict",
     "param_groups",
     "schedules",

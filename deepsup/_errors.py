@@ -10,7 +10,9 @@ fits it, so ``except ValueError`` keeps working for callers that do not know dee
     ├── TapOutputError          (TypeError)     the tapped output holds no usable tensor
     ├── CaptureError            (RuntimeError)  a tap ran 0 or N times, was changed in
     │                                           place, or was captured without gradient
-    └── DeepSupScriptError      (RuntimeError)  torch.jit.script of the wrapper (script unwrap())
+    ├── DeepSupScriptError      (RuntimeError)  torch.jit.script of the wrapper (script unwrap())
+    └── EarlyExitError          (RuntimeError)  EarlyExit where it cannot work (training,
+                                                torch.compile, a DDP-wrapped wrapper)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ __all__ = [
     "DeepSupError",
     "DeepSupScriptError",
     "DeepSupWarning",
+    "EarlyExitError",
     "TapNotFoundError",
     "TapOutputError",
     "TargetError",
@@ -62,3 +65,7 @@ class DeepSupScriptError(DeepSupError, RuntimeError):
 
 class DeepSupWarning(UserWarning):
     """Warnings deepsup emits (an option with no effect, a risky but legal set-up)."""
+
+
+class EarlyExitError(DeepSupError, RuntimeError):
+    """:class:`~deepsup.EarlyExit` was used where it cannot work (training, ``torch.compile``)."""

@@ -15,6 +15,7 @@ from ._channels import channel_dim, from_feature_info, from_last_layer
 from ._errors import ChannelInferenceError, DeepSupError, DeepSupScriptError, TargetError
 from ._resize import Resize, check_resize, reconcile
 from ._taps import CALLS, INHERIT, Calls, Tap, TapsArg, resolve_taps
+from .losses import teacher_for, wants_teacher
 from .schedules import Schedule, as_schedule
 
 __all__ = ["AuxLosses", "DeepSupervision", "HeadDict"]
@@ -396,9 +397,9 @@ class DeepSupervision(nn.Module):
                 )
                 for name, tap in self.taps.items()
             }
-        return output, self._aux(captured, target)
+        return output, self._aux(captured, target, output)
 
-    def _aux(self, captured: dict[str, list[torch.Tensor]], target: Any) -> AuxLosses:
+    def _aux(self, captured: dict[str, list[torch.Tensor]], target: Any, output: Any) -> AuxLosses:
         losses: dict[str, Any] = {}
         raw: dict[str, Any] = {}
         for i, (name, tap) in enumerate(self.taps.items()):
@@ -408,7 +409,7 @@ class DeepSupervision(nn.Module):
                 losses[name] = raw[name] = preds if tap.calls == "all" else preds[0]
                 continue
             tap_target = self._target_for(name, target)
-            values = [self._loss(name, tap, p, tap_target) for p in preds]
+            values = [self._loss(name, tap, p, tap_target, output) for p in preds]
             loss = values[0] if len(values) == 1 else torch.stack(values).mean()
             # detached: a logging view. Keeping it in the graph costs a compiled train step an
             # extra output that needs grad (measured: 1.13x time, +23% peak memory; see
@@ -449,15 +450,19 @@ class DeepSupervision(nn.Module):
             return target[name]
         return target
 
-    def _loss(self, name: str, tap: Tap, pred: Any, target: Any) -> torch.Tensor:
+    def _loss(self, name: str, tap: Tap, pred: Any, target: Any, output: Any) -> torch.Tensor:
         criterion = tap.criterion
         assert criterion is not None
         if isinstance(pred, torch.Tensor) and isinstance(target, torch.Tensor):
             pred, target = reconcile(
                 pred, target, resize=tap.resize, align_corners=bool(tap.align_corners), tap=name
             )
+        extra = {}  # the teacher protocol of deepsup.losses: the model's output, detached
+        if wants_teacher(criterion):
+            align = bool(tap.align_corners)
+            extra["teacher"] = teacher_for(output, pred, align_corners=align, tap=name)
         try:
-            loss = criterion(pred, target)
+            loss = criterion(pred, target, **extra)
         except DeepSupError:
             raise
         except Exception as err:
@@ -474,6 +479,25 @@ class DeepSupervision(nn.Module):
                 f"tap {name!r}: the criterion returned {type(loss).__name__}, not a tensor"
             )
         return loss
+
+    def exits(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Every exit in one forward: ``{tap: prediction, ..., "output": model output}``.
+
+        Eval mode: under ``torch.no_grad()``; training: with gradient. See
+        :func:`deepsup.exits.all_exits`.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from deepsup import DeepSupervision, heads
+            >>> sup = DeepSupervision(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "0",
+            ...                       head=heads.classification(2)).eval()
+            >>> sorted(sup.exits(torch.randn(3, 4)))
+            ['0', 'output']
+        """
+        from .exits import all_exits  # exits.py builds on this module
+
+        return all_exits(self, *args, **kwargs)
 
     # unwrap and housekeeping ----------------------------------------------------------------
 

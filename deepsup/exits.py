@@ -1,0 +1,906 @@
+"""Multi-exit inference through the heads deep supervision trained: all exits, and early exit.
+
+:func:`all_exits` (``sup.exits(x)``) runs the model once and every head on its tap.
+:class:`EarlyExit` stops the model's forward at the first tap whose head is confident enough,
+and :meth:`EarlyExit.calibrate` picks the thresholds on held-out data from measured compute
+(``torch.utils.flop_counter.FlopCounterMode``) and wall time.
+
+How early exit stops a forward it does not own: :class:`EarlyExit` registers one forward hook
+per tap, once, at construction. Outside an :class:`EarlyExit` call the hooks return at once.
+Inside one, a hook runs the tap's head on the captured output (under ``torch.no_grad``, in eval
+mode: the one place deepsup runs a head inside a hook, since the decision has to be taken
+before the next module runs) and, when every sample is confident, raises a private exception
+that unwinds the model's forward and is caught by :meth:`EarlyExit.forward`. The exception
+derives from ``BaseException``, so a model's own ``except Exception`` does not swallow it; the
+per-call state lives in a thread-local slot reset in ``finally``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._capture import check_records, select_tensor
+from ._errors import DeepSupError, EarlyExitError
+
+if TYPE_CHECKING:
+    from .wrapper import DeepSupervision
+
+__all__ = [
+    "CONFIDENCES",
+    "EarlyExit",
+    "ExitRow",
+    "ExitTable",
+    "all_exits",
+    "confidence",
+    "search_thresholds",
+    "top1",
+]
+
+OUTPUT = "output"
+Confidence = Callable[[torch.Tensor], torch.Tensor]
+
+
+# all exits --------------------------------------------------------------------------------
+
+
+def _check_names(sup: DeepSupervision) -> None:
+    if OUTPUT in sup.taps:
+        raise DeepSupError(
+            f"a tap is named {OUTPUT!r}, the key exits() keeps for the model's output; tap "
+            "another module (a parent or child of it)"
+        )
+
+
+def all_exits(sup: DeepSupervision, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run the model once and every head on its tap: ``{tap: prediction, ..., "output": out}``.
+
+    In eval mode everything runs under ``torch.no_grad()``; in training mode with autograd as
+    the caller has it (BatchNorm statistics update, dropout is on, as in a training forward).
+    A tap with ``calls="all"`` gives a list of predictions. ``sup.exits(...)`` calls this.
+
+    Raises:
+        CaptureError: a tap did not run, or ran several times with ``calls="error"``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from deepsup import DeepSupervision, heads
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> sup = DeepSupervision(model, "0", head=heads.classification(3)).eval()
+        >>> out = sup.exits(torch.randn(2, 4))
+        >>> {k: tuple(v.shape) for k, v in out.items()}
+        {'0': (2, 3), 'output': (2, 3)}
+    """
+    if sup._unwrapped:
+        sup._raise_unwrapped()
+    _check_names(sup)
+    with torch.no_grad() if not sup.training else nullcontext():
+        grad_enabled = torch.is_grad_enabled()
+        with sup._capture.window() as records:
+            output = sup.model(*args, **kwargs)
+            captured = {
+                name: check_records(
+                    name,
+                    records.get(name, []),
+                    calls=str(tap.calls),
+                    detach=tap.detach,
+                    grad_enabled=grad_enabled,
+                )
+                for name, tap in sup.taps.items()
+            }
+        result: dict[str, Any] = {}
+        for name, tap in sup.taps.items():
+            preds = [sup._run_head(name, tap, sup.heads[name], f) for f in captured[name]]
+            result[name] = preds if tap.calls == "all" else preds[0]
+    result[OUTPUT] = output
+    return result
+
+
+# confidence -------------------------------------------------------------------------------
+
+
+def _per_sample(values: torch.Tensor) -> torch.Tensor:
+    """(B,) or (B, *spatial) -> (B,): dense predictions average over positions."""
+    return values.flatten(1).mean(1) if values.dim() > 1 else values
+
+
+def _max_softmax(pred: torch.Tensor) -> torch.Tensor:
+    return _per_sample(pred.float().softmax(1).amax(1))
+
+
+def _margin(pred: torch.Tensor) -> torch.Tensor:
+    top = pred.float().softmax(1).topk(2, dim=1).values
+    return _per_sample(top[:, 0] - top[:, 1])
+
+
+def _entropy(pred: torch.Tensor) -> torch.Tensor:
+    log_p = pred.float().log_softmax(1)
+    h = -(log_p.exp() * log_p).sum(1)
+    return _per_sample(1.0 - h / math.log(pred.shape[1]))
+
+
+CONFIDENCES: dict[str, Confidence] = {
+    "max_softmax": _max_softmax,
+    "margin": _margin,
+    "entropy": _entropy,
+}
+
+
+def confidence(prediction: torch.Tensor, kind: str | Confidence = "max_softmax") -> torch.Tensor:
+    """Per-sample confidence ``(B,)`` of logits with classes on dim 1; higher is surer.
+
+    ``"max_softmax"``: the top class's probability; ``"margin"``: top-1 minus top-2
+    probability; ``"entropy"``: ``1 - H(p) / log(K)`` (1 for a one-hot, 0 for uniform). Dense
+    predictions ``(B, K, *spatial)`` average over positions. A callable is used as is.
+
+    Example:
+        >>> logits = torch.tensor([[4.0, 0.0], [0.0, 0.0]])
+        >>> confidence(logits, "margin")
+        tensor([0.9640, 0.0000])
+    """
+    fn = _confidence_fn(kind)
+    return _check_confidence(fn(prediction), prediction, "?")
+
+
+def _confidence_fn(kind: str | Confidence) -> Confidence:
+    if callable(kind):
+        return kind
+    if kind not in CONFIDENCES:
+        raise ValueError(
+            f"confidence must be one of {sorted(CONFIDENCES)} or a callable prediction -> (B,) "
+            f"(got {kind!r})"
+        )
+    return CONFIDENCES[kind]
+
+
+def _check_confidence(conf: Any, pred: torch.Tensor, tap: str) -> torch.Tensor:
+    if not isinstance(conf, torch.Tensor) or conf.shape != pred.shape[:1]:
+        got = tuple(conf.shape) if isinstance(conf, torch.Tensor) else type(conf).__name__
+        raise EarlyExitError(
+            f"tap {tap!r}: the confidence function returned {got} for a prediction of shape "
+            f"{tuple(pred.shape)}; it must return one value per sample, shape "
+            f"({pred.shape[0]},)"
+        )
+    return conf
+
+
+# early exit -------------------------------------------------------------------------------
+
+
+class _Exited(BaseException):
+    """Raised by an exit hook to unwind the model's forward; caught by EarlyExit."""
+
+    def __init__(self, name: str, prediction: Any) -> None:
+        super().__init__(name)
+        self.name = name
+        self.prediction = prediction
+
+
+# Internal per-call settings besides float thresholds, used to measure each exit's cost.
+_STOP = "stop"  # stop at this tap without running its head
+_NEVER = "never"  # run the head, never exit
+_ALWAYS = "always"  # run the head, always exit
+
+
+class _Call:
+    """The settings of one EarlyExit call: per-tap thresholds, and the taps visited."""
+
+    def __init__(self, thresholds: Mapping[str, float | str]) -> None:
+        self.thresholds = thresholds
+        self.visited: list[str] = []
+
+
+class _ExitState:
+    """Per-thread slot for the running EarlyExit call; empty outside one."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # the per-call slot never travels with a copy
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._local = threading.local()
+
+    def current(self) -> _Call | None:
+        return getattr(self._local, "call", None)
+
+    @contextmanager
+    def call(self, thresholds: Mapping[str, float | str]) -> Iterator[_Call]:
+        if self.current() is not None:
+            raise EarlyExitError(
+                "EarlyExit was re-entered on the same thread (called inside its own forward); "
+                "call the model instead"
+            )
+        call = _Call(thresholds)
+        self._local.call = call
+        try:
+            yield call
+        finally:
+            self._local.call = None
+
+
+class _ExitHook:
+    """The forward hook of one exit: runs the head and stops the forward when it is confident."""
+
+    def __init__(
+        self,
+        state: _ExitState,
+        name: str,
+        select: Any,
+        head: nn.Module,
+        confidence: Confidence,
+    ) -> None:
+        self.state = state
+        self.name = name
+        self.select = select
+        self.head = head
+        self.confidence = confidence
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        call = self.state.current()
+        if call is None:
+            return None
+        threshold = call.thresholds.get(self.name, math.inf)
+        if threshold == math.inf:
+            return None
+        call.visited.append(self.name)
+        if threshold == _STOP:
+            raise _Exited(self.name, None)
+        pred = self.head(select_tensor(output, self.select, self.name))
+        if threshold == _ALWAYS:
+            raise _Exited(self.name, pred)
+        conf = _check_confidence(self.confidence(pred), pred, self.name)
+        if isinstance(threshold, float) and bool((conf >= threshold).all()):
+            raise _Exited(self.name, pred)
+        return None
+
+    def __repr__(self) -> str:
+        return f"deepsup.ExitHook({self.name!r})"
+
+
+def _as_thresholds(threshold: float | Mapping[str, float], taps: Iterable[str]) -> dict[str, float]:
+    taps = list(taps)
+    if isinstance(threshold, Mapping):
+        unknown = sorted(set(threshold) - set(taps))
+        if unknown:
+            raise ValueError(
+                f"threshold names taps {unknown} that are not exits; the exits are {taps}"
+            )
+        out = {t: float(threshold.get(t, math.inf)) for t in taps}
+    elif isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        out = dict.fromkeys(taps, float(threshold))
+    else:
+        raise TypeError(
+            f"threshold must be a float or a dict {{tap: float}} (got {type(threshold).__name__})"
+        )
+    bad = {t: v for t, v in out.items() if math.isnan(v)}
+    if bad:
+        raise ValueError(f"thresholds must not be NaN (got {bad})")
+    return out
+
+
+@dataclass(frozen=True)
+class ExitRow:
+    """One exit of an :class:`ExitTable`: its threshold and what the samples leaving there got.
+
+    ``flops`` and ``time_s`` are per sample for a sample that leaves at this exit (the model up
+    to the tap plus the heads evaluated on the way); ``accuracy`` is over the samples that
+    leave here (NaN if none does).
+    """
+
+    exit: str
+    threshold: float
+    share: float
+    accuracy: float
+    flops: float
+    time_s: float
+
+
+@dataclass(frozen=True)
+class ExitTable:
+    """What :meth:`EarlyExit.calibrate` and :meth:`EarlyExit.evaluate` measured.
+
+    Attributes:
+        rows: one :class:`ExitRow` per exit in execution order, the model's output last.
+        accuracy: the early-exit accuracy over all samples.
+        flops: mean FLOPs per sample with early exit.
+        time_s: mean wall time per sample with early exit.
+        full_accuracy: the model's output alone (no exit).
+        full_flops: FLOPs per sample of the model alone.
+        full_time_s: wall time per sample of the model alone.
+        samples: the number of samples.
+    """
+
+    rows: list[ExitRow]
+    accuracy: float
+    flops: float
+    time_s: float
+    full_accuracy: float
+    full_flops: float
+    full_time_s: float
+    samples: int
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """The rows as dicts (for csv/json), then a ``"total"`` row and a ``"full model"`` row."""
+        rows = [dict(r.__dict__) for r in self.rows]
+        rows.append(
+            {"exit": "total", "threshold": math.nan, "share": 1.0, "accuracy": self.accuracy,
+             "flops": self.flops, "time_s": self.time_s}
+        )  # fmt: skip
+        rows.append(
+            {"exit": "full model", "threshold": math.nan, "share": 1.0,
+             "accuracy": self.full_accuracy, "flops": self.full_flops,
+             "time_s": self.full_time_s}
+        )  # fmt: skip
+        return rows
+
+    def __str__(self) -> str:
+        lines = [
+            "| exit | threshold | share | accuracy | MFLOPs/sample | ms/sample |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in self.to_rows():
+            thr = "" if math.isnan(r["threshold"]) else f"{r['threshold']:.4g}"
+            acc = "-" if math.isnan(r["accuracy"]) else f"{100 * r['accuracy']:.2f}%"
+            lines.append(
+                f"| {r['exit']} | {thr} | {100 * r['share']:.1f}% | {acc} | "
+                f"{r['flops'] / 1e6:.3f} | {1e3 * r['time_s']:.3f} |"
+            )
+        return "\n".join(lines)
+
+
+def top1(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample accuracy ``(B,)``: argmax over dim 1 equals the target.
+
+    Dense predictions ``(B, K, *spatial)`` give each sample's pixel accuracy, the prediction
+    upsampled (nearest) to the target's size if they differ.
+
+    Example:
+        >>> top1(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
+        tensor([1., 0.])
+    """
+    if prediction.dim() > 2 and prediction.shape[2:] != target.shape[1:]:
+        prediction = F.interpolate(prediction.float(), size=tuple(target.shape[1:]))
+    return _per_sample((prediction.argmax(1) == target).float())
+
+
+def _split(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(
+            f"the loader must yield (input, target) pairs (got {type(batch).__name__}"
+            f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''})"
+        )
+    x, y = batch
+    if isinstance(x, Mapping):
+        return (), dict(x), y
+    if isinstance(x, tuple):
+        return x, {}, y
+    return (x,), {}, y
+
+
+def _first_sample(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x[:1]
+    if isinstance(x, Mapping):
+        return {k: _first_sample(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_first_sample(v) for v in x)
+    return x
+
+
+class EarlyExit(nn.Module):
+    """Early-exit inference: stop the model's forward at the first confident head.
+
+    The forward runs the model (under ``torch.no_grad``) and, at the first tap in execution
+    order whose head's confidence reaches its threshold **for every sample of the batch**,
+    stops the rest of the model's forward (no later module runs) and returns
+    ``(prediction, tap)``; when no exit fires it returns ``(model(x), "output")``, equal bit
+    for bit to the model's own output. With batch size 1 this is per-sample early exit.
+
+    Args:
+        sup: the trained :class:`~deepsup.DeepSupervision` (not wrapped in DDP or
+            ``torch.compile``); its heads are the exits.
+        threshold: one threshold for every exit, or ``{tap: threshold}`` (taps left out never
+            exit, and their heads do not run). ``math.inf`` disables an exit.
+        confidence: ``"max_softmax"``, ``"margin"``, ``"entropy"`` (see :func:`confidence`) or
+            a callable ``prediction -> (B,)`` tensor, higher meaning surer.
+
+    Raises:
+        EarlyExitError: the forward runs in training mode, under ``torch.compile``, or with a
+            ``sup`` wrapped in DDP or compiled; a tap with ``calls="all"``.
+
+    What cannot work: training (a stopped forward has no loss for the rest of the model, and
+    DDP would wait for gradients that never come), ``torch.compile`` (a graph cannot stop
+    half-way on a data-dependent condition without breaking into eager code, which is what
+    this is) and ``torch.jit`` (Python hooks). In eval mode the forward does not synchronise
+    anything, so each process of a distributed job may run its own ``EarlyExit`` on the
+    unwrapped ``DeepSupervision``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from deepsup import DeepSupervision, EarlyExit, heads
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> sup = DeepSupervision(model, "0", head=heads.classification(3))
+        >>> early = EarlyExit(sup, threshold=0.0).eval()
+        >>> pred, name = early(torch.randn(1, 4))
+        >>> name, tuple(pred.shape)
+        ('0', (1, 3))
+        >>> early.thresholds = {"0": float("inf")}
+        >>> x = torch.randn(2, 4)
+        >>> pred, name = early(x)
+        >>> name, torch.equal(pred, model(x))
+        ('output', True)
+    """
+
+    def __init__(
+        self,
+        sup: DeepSupervision,
+        threshold: float | Mapping[str, float] = 0.9,
+        *,
+        confidence: str | Confidence = "max_softmax",
+    ) -> None:
+        super().__init__()
+        from .wrapper import DeepSupervision
+
+        if not isinstance(sup, DeepSupervision):
+            inner = getattr(sup, "module", None) or getattr(sup, "_orig_mod", None)
+            hint = (
+                " Pass the DeepSupervision itself, not a DDP or torch.compile wrapper of it."
+                if isinstance(inner, DeepSupervision)
+                else ""
+            )
+            raise EarlyExitError(
+                f"EarlyExit needs a DeepSupervision (got {type(sup).__name__}).{hint}"
+            )
+        if sup._unwrapped:
+            sup._raise_unwrapped()
+        _check_names(sup)
+        multi = [n for n, t in sup.taps.items() if t.calls == "all"]
+        if multi:
+            raise EarlyExitError(
+                f"taps {multi} use calls='all' (several predictions per forward), which cannot "
+                "be one exit; use calls='first' or 'last' for them"
+            )
+        self.sup = sup
+        self._confidence = _confidence_fn(confidence)
+        self.confidence_name = confidence if isinstance(confidence, str) else "callable"
+        self.exits = list(sup.taps)
+        self._thresholds = _as_thresholds(threshold, self.exits)
+        self._state = _ExitState()
+        self._handles = []
+        for name, tap in sup.taps.items():
+            hook = _ExitHook(self._state, name, tap.select, sup.heads[name], self._confidence)
+            module = sup.model.get_submodule(name)
+            self._handles.append(module.register_forward_hook(hook))
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """``{tap: threshold}`` (``inf``: that exit is off). Settable with a float or a dict."""
+        return dict(self._thresholds)
+
+    @thresholds.setter
+    def thresholds(self, value: float | Mapping[str, float]) -> None:
+        self._thresholds = _as_thresholds(value, self.exits)
+
+    def remove(self) -> None:
+        """Remove this EarlyExit's hooks from the model (safe to call twice).
+
+        Example:
+            >>> from torch import nn
+            >>> from deepsup import DeepSupervision, EarlyExit, heads
+            >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+            >>> early = EarlyExit(DeepSupervision(model, "0", head=heads.classification(2)))
+            >>> len(model[0]._forward_hooks)
+            2
+            >>> early.remove(); len(model[0]._forward_hooks)
+            1
+        """
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _check_usable(self) -> None:
+        if torch.compiler.is_compiling():
+            raise EarlyExitError(
+                "EarlyExit cannot run under torch.compile: stopping a forward half-way on a "
+                "data-dependent condition is eager-only. Compile the model for the full "
+                "forward, or run EarlyExit without torch.compile"
+            )
+        if not self._handles:
+            raise EarlyExitError("this EarlyExit was removed; build a new one")
+        training = [
+            n for n, m in [("EarlyExit", self), ("the model", self.sup.model)] if m.training
+        ]
+        training += [f"head {n!r}" for n in self.exits if self.sup.heads[n].training]
+        if training:
+            raise EarlyExitError(
+                f"EarlyExit runs in eval mode only ({', '.join(training)} in training mode): a "
+                "stopped forward gives no loss to the rest of the model. Call early.eval() "
+                "(or train through the DeepSupervision wrapper)"
+            )
+
+    def _run(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], thresholds: Mapping[str, Any]
+    ) -> tuple[Any, str, list[str]]:
+        self._check_usable()
+        with torch.no_grad(), self._state.call(thresholds) as call:
+            try:
+                output = self.sup.model(*args, **kwargs)
+            except _Exited as stop:
+                return stop.prediction, stop.name, call.visited
+        return output, OUTPUT, call.visited
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, str]:
+        """``(prediction, exit name)``; ``(model(*args, **kwargs), "output")`` if none fires."""
+        prediction, name, _ = self._run(args, kwargs, self._thresholds)
+        return prediction, name
+
+    # calibration ---------------------------------------------------------------------------
+
+    def _flops(self, call: tuple[tuple[Any, ...], dict[str, Any]], thr: Mapping[str, Any]) -> int:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self._run(*call, thr)
+        return int(counter.get_total_flops())
+
+    def _seconds(
+        self, call: tuple[tuple[Any, ...], dict[str, Any]], thr: Mapping[str, Any], runs: int
+    ) -> float:
+        self._run(*call, thr)  # warm-up
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            self._run(*call, thr)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def costs(self, *args: Any, **kwargs: Any) -> _Costs:
+        """FLOPs of each part of an early-exit forward on this input, measured.
+
+        Runs the forward stopped at each tap with and without its head, and the model alone,
+        under ``torch.utils.flop_counter.FlopCounterMode``. FLOPs of matmuls and convolutions
+        (what ``FlopCounterMode`` counts), for the whole input: pass one sample for per-sample
+        figures.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from deepsup import DeepSupervision, EarlyExit, heads
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+            >>> early = EarlyExit(DeepSupervision(model, "0", head=heads.classification(3)))
+            >>> c = early.eval().costs(torch.randn(1, 4))
+            >>> c.order, c.prefix, c.head, c.full
+            (['0'], {'0': 64}, {'0': 48}, 112)
+        """
+        call = (args, kwargs)
+        order = self._run(args, kwargs, dict.fromkeys(self.exits, _NEVER))[2]
+        missing = [e for e in self.exits if e not in order]
+        if missing:
+            raise EarlyExitError(
+                f"exits {missing} did not run in an eval forward, so they cannot be exits; "
+                "leave them out of the thresholds or tap modules that run in eval"
+            )
+        prefix = {e: self._flops(call, {e: _STOP}) for e in order}
+        head = {e: self._flops(call, {e: _ALWAYS}) - prefix[e] for e in order}
+        return _Costs(order, prefix, head, self._flops(call, {}))
+
+    def calibrate(
+        self,
+        loader: Iterable[Any],
+        max_drop: float = 0.01,
+        *,
+        metric: Callable[[Any, Any], torch.Tensor] | None = None,
+        grid: int = 64,
+        timing_runs: int = 20,
+    ) -> ExitTable:
+        """Pick the thresholds that minimise measured compute within ``max_drop`` accuracy.
+
+        Runs every head on every sample of ``loader`` (held-out data, ``(input, target)``
+        batches) once, then searches per-exit thresholds (coordinate descent over ``grid``
+        quantiles of each exit's confidences, and "off") for the lowest mean FLOPs per sample
+        such that the early-exit accuracy is at least the model's accuracy minus ``max_drop``
+        (absolute: 0.01 is one point), and sets :attr:`thresholds` to them. The search
+        simulates per-sample exit (batch size 1 at inference). FLOPs are measured with
+        ``FlopCounterMode`` on the first sample (the model's cost must not depend on the
+        input's content); wall time per exit is the median of ``timing_runs`` forwards of that
+        sample along the same path.
+
+        Args:
+            loader: an iterable of ``(input, target)``; ``input`` a tensor, a tuple of
+                arguments or a dict of keyword arguments.
+            max_drop: the accuracy the early exit may lose against the model's output.
+            metric: ``metric(prediction, target) -> (B,)`` per-sample score in [0, 1]
+                (default :func:`top1`).
+            grid: candidate thresholds per exit.
+            timing_runs: forwards timed per exit.
+
+        Returns:
+            An :class:`ExitTable` measured on ``loader``.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from deepsup import DeepSupervision, EarlyExit, heads
+            >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+            <torch._C.Generator object at ...>
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 512), nn.ReLU(),
+            ...                       nn.Linear(512, 3))
+            >>> early = EarlyExit(DeepSupervision(model, "0", head=heads.classification(3)))
+            >>> data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
+            >>> table = early.eval().calibrate(data, max_drop=1.0, timing_runs=1)
+            >>> table.thresholds["0"] < float("inf"), table.rows[0].share
+            (True, 1.0)
+        """
+        if not max_drop >= 0:
+            raise ValueError(f"max_drop must be >= 0 (got {max_drop!r})")
+        metric = metric or top1
+        self._check_usable()
+        confs: dict[str, list[torch.Tensor]] = {e: [] for e in self.exits}
+        scores: dict[str, list[torch.Tensor]] = {e: [] for e in [*self.exits, OUTPUT]}
+        first: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        for batch in loader:
+            args, kwargs, target = _split(batch)
+            if first is None:
+                first = (_first_sample(args), _first_sample(kwargs))
+            preds = all_exits(self.sup, *args, **kwargs)
+            for e in self.exits:
+                confs[e].append(_check_confidence(self._confidence(preds[e]), preds[e], e).float())
+            for e in scores:
+                scores[e].append(_check_score(metric(preds[e], target), preds[e], e).float())
+        if first is None:
+            raise ValueError("the loader gave no batch; calibrate on held-out data")
+        costs = self.costs(*first[0], **first[1])
+        conf = torch.stack([torch.cat(confs[e]) for e in costs.order])
+        score = torch.stack([torch.cat(scores[e]) for e in [*costs.order, OUTPUT]])
+        thresholds = search_thresholds(conf, score, costs, max_drop=max_drop, grid=grid)
+        self._thresholds = {e: thresholds.get(e, math.inf) for e in self.exits}
+        exits = _simulate(conf, torch.tensor([thresholds[e] for e in costs.order]))
+        return self._table(first, costs, exits, score, timing_runs)
+
+    def evaluate(
+        self,
+        loader: Iterable[Any],
+        *,
+        metric: Callable[[Any, Any], torch.Tensor] | None = None,
+    ) -> ExitTable:
+        """Run the early exit on ``loader`` at the current thresholds and measure it.
+
+        Each batch runs twice, interleaved: through the early exit and through the model
+        alone, both timed (wall clock), so ``time_s`` and ``full_time_s`` are paired. FLOPs
+        per exit are measured as in :meth:`calibrate`. Use batches of one sample for
+        per-sample early exit.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from deepsup import DeepSupervision, EarlyExit, heads
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+            >>> early = EarlyExit(DeepSupervision(model, "0", head=heads.classification(3)),
+            ...                   threshold=0.0).eval()
+            >>> data = [(torch.randn(1, 4), torch.tensor([0])) for _ in range(3)]
+            >>> early.evaluate(data).rows[0].share
+            1.0
+        """
+        metric = metric or top1
+        self._check_usable()
+        first = None
+        exits: list[str] = []
+        early_scores: list[torch.Tensor] = []
+        full_scores: list[torch.Tensor] = []
+        early_times: list[float] = []
+        full_times: list[float] = []
+        sizes: list[int] = []
+        for batch in loader:
+            args, kwargs, target = _split(batch)
+            if first is None:
+                first = (_first_sample(args), _first_sample(kwargs))
+            t0 = time.perf_counter()
+            pred, name = self(*args, **kwargs)
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                out = self.sup.model(*args, **kwargs)
+            t2 = time.perf_counter()
+            early_scores.append(_check_score(metric(pred, target), pred, name).float())
+            full_scores.append(_check_score(metric(out, target), out, OUTPUT).float())
+            n = early_scores[-1].numel()
+            sizes.append(n)
+            exits += [name] * n
+            early_times += [(t1 - t0) / n] * n
+            full_times += [(t2 - t1) / n] * n
+        if first is None:
+            raise ValueError("the loader gave no batch")
+        costs = self.costs(*first[0], **first[1])
+        early = torch.cat(early_scores)
+        names = [*costs.order, OUTPUT]
+        index = torch.tensor([names.index(e) for e in exits])
+        rows = []
+        for i, e in enumerate(names):
+            mask = index == i
+            k = int(mask.sum())
+            rows.append(
+                ExitRow(
+                    exit=e,
+                    threshold=self._thresholds.get(e, math.nan),
+                    share=k / len(exits),
+                    accuracy=float(early[mask].mean()) if k else math.nan,
+                    flops=float(costs.path_flops(e, self._thresholds)),
+                    time_s=statistics.fmean(t for t, m in zip(early_times, mask) if m)
+                    if k
+                    else math.nan,
+                )
+            )
+        flops = sum(r.flops * r.share for r in rows)
+        return ExitTable(
+            rows=rows,
+            accuracy=float(early.mean()),
+            flops=flops,
+            time_s=statistics.fmean(early_times),
+            full_accuracy=float(torch.cat(full_scores).mean()),
+            full_flops=float(costs.full),
+            full_time_s=statistics.fmean(full_times),
+            samples=len(exits),
+            thresholds=self.thresholds,
+        )
+
+    def _table(
+        self,
+        call: tuple[tuple[Any, ...], dict[str, Any]],
+        costs: _Costs,
+        exits: torch.Tensor,
+        score: torch.Tensor,
+        timing_runs: int,
+    ) -> ExitTable:
+        names = [*costs.order, OUTPUT]
+        n = exits.numel()
+        rows = []
+        for i, e in enumerate(names):
+            mask = exits == i
+            k = int(mask.sum())
+            path = costs.path(e, self._thresholds)
+            rows.append(
+                ExitRow(
+                    exit=e,
+                    threshold=self._thresholds.get(e, math.nan),
+                    share=k / n,
+                    accuracy=float(score[i][mask].mean()) if k else math.nan,
+                    flops=float(self._flops(call, path)),
+                    time_s=self._seconds(call, path, timing_runs),
+                )
+            )
+        picked = score.gather(0, exits[None])[0]
+        return ExitTable(
+            rows=rows,
+            accuracy=float(picked.mean()),
+            flops=sum(r.flops * r.share for r in rows),
+            time_s=sum(r.time_s * r.share for r in rows),
+            full_accuracy=float(score[-1].mean()),
+            full_flops=float(costs.full),
+            full_time_s=self._seconds(call, {}, timing_runs),
+            samples=n,
+            thresholds=self.thresholds,
+        )
+
+    def extra_repr(self) -> str:
+        return f"thresholds={self._thresholds}, confidence={self.confidence_name!r}"
+
+    def __prepare_scriptable__(self) -> NoReturn:
+        raise EarlyExitError(
+            "torch.jit.script cannot compile EarlyExit (it stops the forward from Python "
+            "hooks); script sup.unwrap() for the full model"
+        )
+
+
+def _check_score(score: Any, pred: Any, name: str) -> torch.Tensor:
+    if not isinstance(score, torch.Tensor) or score.dim() != 1:
+        got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+        raise ValueError(
+            f"exit {name!r}: metric(prediction, target) must return one score per sample, a "
+            f"1-d tensor (got {got})"
+        )
+    return score
+
+
+@dataclass(frozen=True)
+class _Costs:
+    """Measured FLOPs: ``prefix`` up to each tap (no head), each ``head``, the ``full`` model."""
+
+    order: list[str]
+    prefix: dict[str, int]
+    head: dict[str, int]
+    full: int
+
+    def path(self, exit_name: str, thresholds: Mapping[str, float]) -> dict[str, Any]:
+        """Per-call settings that leave at ``exit_name`` running the heads that ``thresholds``
+        turn on before it."""
+        stop = len(self.order) if exit_name == OUTPUT else self.order.index(exit_name)
+        path: dict[str, Any] = {
+            e: _NEVER for e in self.order[:stop] if thresholds.get(e, math.inf) < math.inf
+        }
+        if exit_name != OUTPUT:
+            path[exit_name] = _ALWAYS
+        return path
+
+    def path_flops(self, exit_name: str, thresholds: Mapping[str, float]) -> int:
+        """FLOPs of leaving at ``exit_name``: the model up to it and the heads run on the way."""
+        path = self.path(exit_name, thresholds)
+        heads = sum(self.head[e] for e in path)
+        base = self.full if exit_name == OUTPUT else self.prefix[exit_name]
+        return base + heads
+
+
+def _simulate(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Index of the exit each sample takes (``len(thresholds)``: the output)."""
+    fired = conf >= thresholds[:, None]
+    fired = torch.cat([fired, torch.ones_like(fired[:1])])
+    return fired.float().argmax(0)
+
+
+def search_thresholds(
+    conf: torch.Tensor,
+    score: torch.Tensor,
+    costs: _Costs,
+    *,
+    max_drop: float,
+    grid: int = 64,
+    passes: int = 10,
+) -> dict[str, float]:
+    """Coordinate descent for per-exit thresholds: least mean FLOPs within ``max_drop``.
+
+    ``conf`` is ``(exits, N)`` in execution order, ``score`` ``(exits + 1, N)`` with the
+    model's output last. Candidates per exit: ``grid`` quantiles of its confidences and
+    ``inf`` (off). Starting from all exits off (the model alone, always feasible), each pass
+    sets each exit in turn to its cheapest feasible candidate (ties: the higher threshold),
+    until a pass changes nothing.
+    """
+    k, _ = conf.shape
+    floor = float(score[-1].mean()) - max_drop - 1e-9
+    qs = torch.linspace(0, 1, grid, dtype=torch.float64)
+    candidates = [
+        [*sorted(set(torch.quantile(conf[i].double(), qs).tolist())), math.inf] for i in range(k)
+    ]
+    prefix = torch.tensor([float(costs.prefix[e]) for e in costs.order] + [float(costs.full)])
+    head = torch.tensor([float(costs.head[e]) for e in costs.order] + [0.0])
+
+    def evaluate(t: list[float]) -> tuple[float, float]:
+        thr = torch.tensor(t, dtype=torch.float64)
+        exits = _simulate(conf.double(), thr)
+        acc = float(score.gather(0, exits[None]).mean())
+        on = torch.tensor([x < math.inf for x in t] + [False])
+        # heads run on the way: every enabled exit before the one taken, and that one
+        before = torch.cumsum(head * on, 0) - head * on
+        cost = prefix[exits] + before[exits] + head[exits]
+        return acc, float(cost.mean())
+
+    current = [math.inf] * k
+    best_cost = evaluate(current)[1]
+    for _ in range(passes):
+        changed = False
+        for i in range(k):
+            choice = current[i]
+            for c in sorted(candidates[i], reverse=True):
+                trial = [*current[:i], c, *current[i + 1 :]]
+                acc, cost = evaluate(trial)
+                if acc >= floor and cost < best_cost - 1e-9:
+                    choice, best_cost = c, cost
+            if choice != current[i]:
+                current[i] = choice
+                changed = True
+        if not changed:
+            break
+    return dict(zip(costs.order, current))
