@@ -11,8 +11,8 @@ fits it, so ``except ValueError`` keeps working for callers that do not know dee
     ├── CaptureError            (RuntimeError)  a tap ran 0 or N times, was changed in
     │                                           place, or was captured without gradient
     ├── DeepSupScriptError      (RuntimeError)  torch.jit.script of the wrapper (script unwrap())
-    └── EarlyExitError          (RuntimeError)  EarlyExit where it cannot work (training,
-                                                torch.compile, a DDP-wrapped wrapper)
+    └── EarlyExitError          (RuntimeError)  exits or EarlyExit where they cannot work
+                                                (training, torch.compile, a wrapped wrapper)
 """
 
 from __future__ import annotations
@@ -68,4 +68,4 @@ class DeepSupWarning(UserWarning):
 
 
 class EarlyExitError(DeepSupError, RuntimeError):
-    """:class:`~deepsup.EarlyExit` was used where it cannot work (training, ``torch.compile``)."""
+    """Exits or :class:`~deepsup.EarlyExit` used where they cannot work (training, compile)."""

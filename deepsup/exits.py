@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._capture import check_records, select_tensor
-from ._errors import DeepSupError, EarlyExitError
+from ._errors import EarlyExitError
 
 if TYPE_CHECKING:
     from .wrapper import DeepSupervision
@@ -56,7 +56,7 @@ Confidence = Callable[[torch.Tensor], torch.Tensor]
 
 def _check_names(sup: DeepSupervision) -> None:
     if OUTPUT in sup.taps:
-        raise DeepSupError(
+        raise EarlyExitError(
             f"a tap is named {OUTPUT!r}, the key exits() keeps for the model's output; tap "
             "another module (a parent or child of it)"
         )
@@ -514,7 +514,7 @@ class EarlyExit(nn.Module):
         self._handles = []
 
     def _check_usable(self) -> None:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _under_dynamo():
             raise EarlyExitError(
                 "EarlyExit cannot run under torch.compile: stopping a forward half-way on a "
                 "data-dependent condition is eager-only. Compile the model for the full "
@@ -804,6 +804,18 @@ class EarlyExit(nn.Module):
             "torch.jit.script cannot compile EarlyExit (it stops the forward from Python "
             "hooks); script sup.unwrap() for the full model"
         )
+
+
+def _under_dynamo() -> bool:
+    """Whether this call runs below a ``torch.compile``'d function (even in its eager parts).
+
+    Dynamo runs the frames it could not trace eagerly, with its frame callback still set.
+    """
+    try:
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+    except ImportError:  # pragma: no cover - other torch builds
+        return False
+    return get_eval_frame_callback() is not None
 
 
 def _check_score(score: Any, pred: Any, name: str) -> torch.Tensor:
