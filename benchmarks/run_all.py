@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "resize_modes": [],
     "compiled": [],
     "input_pipeline": ["--recipe"],
+    "exits": [],
 }
 
 METHOD = """\
