@@ -481,6 +481,7 @@ class EarlyExit(nn.Module):
         self.exits = list(sup.taps)
         self._thresholds = _as_thresholds(threshold, self.exits)
         self._state = _ExitState()
+        self._heads = [sup.heads[n] for n in self.exits]  # plain list: not registered twice
         self._handles = []
         for name, tap in sup.taps.items():
             hook = _ExitHook(self._state, name, tap.select, sup.heads[name], self._confidence)
@@ -522,11 +523,11 @@ class EarlyExit(nn.Module):
             )
         if not self._handles:
             raise EarlyExitError("this EarlyExit was removed; build a new one")
-        training = [
-            n for n, m in [("EarlyExit", self), ("the model", self.sup.model)] if m.training
-        ]
-        training += [f"head {n!r}" for n in self.exits if self.sup.heads[n].training]
-        if training:
+        if self.training or self.sup.model.training or any(h.training for h in self._heads):
+            training = [
+                n for n, m in [("EarlyExit", self), ("the model", self.sup.model)] if m.training
+            ]
+            training += [f"head {n!r}" for n in self.exits if self.sup.heads[n].training]
             raise EarlyExitError(
                 f"EarlyExit runs in eval mode only ({', '.join(training)} in training mode): a "
                 "stopped forward gives no loss to the rest of the model. Call early.eval() "
@@ -811,11 +812,13 @@ def _under_dynamo() -> bool:
 
     Dynamo runs the frames it could not trace eagerly, with its frame callback still set.
     """
-    try:
-        from torch._C._dynamo.eval_frame import get_eval_frame_callback
-    except ImportError:  # pragma: no cover - other torch builds
-        return False
-    return get_eval_frame_callback() is not None
+    return _eval_frame_callback is not None and _eval_frame_callback() is not None
+
+
+try:
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _eval_frame_callback
+except ImportError:  # pragma: no cover - other torch builds
+    _eval_frame_callback = None  # type: ignore[assignment]
 
 
 def _check_score(score: Any, pred: Any, name: str) -> torch.Tensor:

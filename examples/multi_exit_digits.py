@@ -182,12 +182,15 @@ def exit_accuracies(
 
 
 def early_exit_curve(
-    sup: DeepSupervision, data: dict[str, Any], max_drops: Sequence[float]
+    sup: DeepSupervision,
+    data: dict[str, Any],
+    max_drops: Sequence[float],
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """Calibrate on val for each allowed drop, then measure on test one sample at a time."""
     early = EarlyExit(sup).eval()
     val = batches(data["val"], 128)
-    test = batches(data["test"], 1)
+    test = batches(data["test"], 1)[:limit]
     points = []
     try:
         for drop in max_drops:
@@ -347,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=16, help="channels of the first stage")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-drops", type=float, nargs="+", default=list(MAX_DROPS))
+    p.add_argument("--eval-limit", type=int, default=None, help="test samples for early exit")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("runs/multi_exit_digits"))
     args = p.parse_args(argv)
@@ -367,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "train_s": train_s,
             "exits": exit_accuracies(sup, data["test"]),
             "costs": fixed_exit_costs(sup, data["test"][0]),
-            "curve": early_exit_curve(sup, data, args.max_drops),
+            "curve": early_exit_curve(sup, data, args.max_drops, args.eval_limit),
         }
         run["eval_s"] = time.perf_counter() - t0
         runs.append(run)
