@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._capture import check_records, select_tensor
+from ._capture import select_tensor
 from ._errors import EarlyExitError
 
 if TYPE_CHECKING:
@@ -86,19 +86,7 @@ def all_exits(sup: DeepSupervision, *args: Any, **kwargs: Any) -> dict[str, Any]
         sup._raise_unwrapped()
     _check_names(sup)
     with torch.no_grad() if not sup.training else nullcontext():
-        grad_enabled = torch.is_grad_enabled()
-        with sup._capture.window() as records:
-            output = sup.model(*args, **kwargs)
-            captured = {
-                name: check_records(
-                    name,
-                    records.get(name, []),
-                    calls=str(tap.calls),
-                    detach=tap.detach,
-                    grad_enabled=grad_enabled,
-                )
-                for name, tap in sup.taps.items()
-            }
+        output, captured = sup._captured_forward(args, kwargs)
         result: dict[str, Any] = {}
         for name, tap in sup.taps.items():
             preds = [sup._run_head(name, tap, sup.heads[name], f) for f in captured[name]]

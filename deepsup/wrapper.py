@@ -384,6 +384,13 @@ class DeepSupervision(nn.Module):
                 "sup(x, target=y), or build the wrapper with criterion=None to get the heads' "
                 "predictions, or call sup.eval() for inference"
             )
+        output, captured = self._captured_forward(args, kwargs)
+        return output, self._aux(captured, target, output)
+
+    def _captured_forward(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> tuple[Any, dict[str, list[torch.Tensor]]]:
+        """The model's output and each tap's checked captures, from one windowed forward."""
         grad_enabled = torch.is_grad_enabled()
         with self._capture.window() as records:
             output = self.model(*args, **kwargs)
@@ -397,7 +404,7 @@ class DeepSupervision(nn.Module):
                 )
                 for name, tap in self.taps.items()
             }
-        return output, self._aux(captured, target, output)
+        return output, captured
 
     def _aux(self, captured: dict[str, list[torch.Tensor]], target: Any, output: Any) -> AuxLosses:
         losses: dict[str, Any] = {}
