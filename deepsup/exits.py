@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONFIDENCES",
     "EarlyExit",
+    "ExitCosts",
     "ExitRow",
     "ExitTable",
     "all_exits",
@@ -286,6 +287,10 @@ class ExitRow:
     ``flops`` and ``time_s`` are per sample for a sample that leaves at this exit (the model up
     to the tap plus the heads evaluated on the way); ``accuracy`` is over the samples that
     leave here (NaN if none does).
+
+    Example:
+        >>> ExitRow("layer2", 0.8, share=0.5, accuracy=0.99, flops=4e6, time_s=1e-3).share
+        0.5
     """
 
     exit: str
@@ -309,6 +314,13 @@ class ExitTable:
         full_flops: FLOPs per sample of the model alone.
         full_time_s: wall time per sample of the model alone.
         samples: the number of samples.
+        thresholds: the thresholds it was measured at.
+
+    Example:
+        >>> row = ExitRow("layer2", 0.8, share=1.0, accuracy=0.9, flops=4e6, time_s=1e-3)
+        >>> t = ExitTable([row], 0.9, 4e6, 1e-3, 0.95, 6e6, 2e-3, samples=10)
+        >>> print(str(t).splitlines()[2])
+        | layer2 | 0.8 | 100.0% | 90.00% | 4.000 | 1.000 |
     """
 
     rows: list[ExitRow]
@@ -396,7 +408,8 @@ class EarlyExit(nn.Module):
     order whose head's confidence reaches its threshold **for every sample of the batch**,
     stops the rest of the model's forward (no later module runs) and returns
     ``(prediction, tap)``; when no exit fires it returns ``(model(x), "output")``, equal bit
-    for bit to the model's own output. With batch size 1 this is per-sample early exit.
+    for bit to the model's own output. With batch size 1 this is per-sample early exit. An
+    exit's prediction is its head's output as is (a dense head's logits at the tap's size).
 
     Args:
         sup: the trained :class:`~deepsup.DeepSupervision` (not wrapped in DDP or
@@ -559,7 +572,7 @@ class EarlyExit(nn.Module):
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    def costs(self, *args: Any, **kwargs: Any) -> _Costs:
+    def costs(self, *args: Any, **kwargs: Any) -> ExitCosts:
         """FLOPs of each part of an early-exit forward on this input, measured.
 
         Runs the forward stopped at each tap with and without its head, and the model alone,
@@ -587,7 +600,7 @@ class EarlyExit(nn.Module):
             )
         prefix = {e: self._flops(call, {e: _STOP}) for e in order}
         head = {e: self._flops(call, {e: _ALWAYS}) - prefix[e] for e in order}
-        return _Costs(order, prefix, head, self._flops(call, {}))
+        return ExitCosts(order, prefix, head, self._flops(call, {}))
 
     def calibrate(
         self,
@@ -750,7 +763,7 @@ class EarlyExit(nn.Module):
     def _table(
         self,
         call: tuple[tuple[Any, ...], dict[str, Any]],
-        costs: _Costs,
+        costs: ExitCosts,
         exits: torch.Tensor,
         score: torch.Tensor,
         timing_runs: int,
@@ -820,8 +833,16 @@ def _check_score(score: Any, pred: Any, name: str) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _Costs:
-    """Measured FLOPs: ``prefix`` up to each tap (no head), each ``head``, the ``full`` model."""
+class ExitCosts:
+    """Measured FLOPs: ``prefix`` up to each tap (no head), each ``head``, the ``full`` model.
+
+    ``order`` is the taps' execution order. :meth:`EarlyExit.costs` measures them.
+
+    Example:
+        >>> c = ExitCosts(["a", "b"], prefix={"a": 10, "b": 40}, head={"a": 2, "b": 3}, full=90)
+        >>> c.path_flops("b", {"a": 0.9, "b": 0.9})  # up to b, a's head, b's head
+        45
+    """
 
     order: list[str]
     prefix: dict[str, int]
@@ -857,7 +878,7 @@ def _simulate(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 def search_thresholds(
     conf: torch.Tensor,
     score: torch.Tensor,
-    costs: _Costs,
+    costs: ExitCosts,
     *,
     max_drop: float,
     grid: int = 64,
@@ -870,6 +891,13 @@ def search_thresholds(
     ``inf`` (off). Starting from all exits off (the model alone, always feasible), each pass
     sets each exit in turn to its cheapest feasible candidate (ties: the higher threshold),
     until a pass changes nothing.
+
+    Example:
+        >>> conf = torch.tensor([[0.9, 0.2, 0.8, 0.1]], dtype=torch.float64)  # 1 exit
+        >>> score = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+        >>> costs = ExitCosts(["a"], prefix={"a": 10}, head={"a": 1}, full=100)
+        >>> search_thresholds(conf, score, costs, max_drop=0.0)
+        {'a': 0.8}
     """
     k, _ = conf.shape
     floor = float(score[-1].mean()) - max_drop - 1e-9

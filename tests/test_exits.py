@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from deepsup import DeepSupervision, EarlyExit, EarlyExitError, Tap, heads
-from deepsup.exits import _Costs, _simulate, confidence, search_thresholds, top1
+from deepsup.exits import ExitCosts, _simulate, confidence, search_thresholds, top1
 
 
 class Net(nn.Module):
@@ -356,11 +356,11 @@ def test_costs_are_flops_by_hand_and_paths_add_up() -> None:
             assert measured == c.path_flops(e, thresholds)
 
 
-def costs3() -> _Costs:
-    return _Costs(["a", "b"], {"a": 10, "b": 40}, {"a": 2, "b": 2}, 100)
+def costs3() -> ExitCosts:
+    return ExitCosts(["a", "b"], {"a": 10, "b": 40}, {"a": 2, "b": 2}, 100)
 
 
-def cost_of(conf: torch.Tensor, thr: list[float], costs: _Costs) -> float:
+def cost_of(conf: torch.Tensor, thr: list[float], costs: ExitCosts) -> float:
     exits = _simulate(conf, torch.tensor(thr, dtype=conf.dtype))
     on = [t < math.inf for t in thr]
     total = 0.0
@@ -396,7 +396,7 @@ def test_search_with_one_exit_is_the_brute_force_optimum() -> None:
     g = torch.Generator().manual_seed(3)
     conf = torch.rand(1, 50, generator=g)
     score = torch.stack([(conf[0] > 0.3).float(), torch.ones(50)])  # confident -> correct
-    costs = _Costs(["a"], {"a": 10}, {"a": 1}, 100)
+    costs = ExitCosts(["a"], {"a": 10}, {"a": 1}, 100)
     thr = search_thresholds(conf, score, costs, max_drop=0.0, grid=200)
     assert thr["a"] > 0.3  # only the samples it gets right may leave
     best = min(
