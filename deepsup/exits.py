@@ -195,12 +195,13 @@ class _ExitState:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        self._local.call = None  # set up front, as Capture does, for torch.compile's guards
 
     def __getstate__(self) -> dict[str, Any]:
         return {}  # the per-call slot never travels with a copy
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._local = threading.local()
+        self.__init__()  # type: ignore[misc]
 
     def current(self) -> _Call | None:
         return getattr(self._local, "call", None)

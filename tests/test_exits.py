@@ -294,6 +294,15 @@ def test_torch_compile_is_refused_with_a_clear_error() -> None:
         compiled(torch.randn(1, 3, 16, 16))
 
 
+@pytest.mark.slow
+def test_its_idle_hooks_do_not_break_a_compiled_training_forward() -> None:
+    _, sup, _ = make()
+    sup.train()
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    explained = torch._dynamo.explain(sup)(x, target=y)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
 def test_script_is_refused() -> None:
     _, _, early = make()
     with pytest.raises(EarlyExitError, match=r"torch\.jit\.script"):
