@@ -21,13 +21,19 @@ from ._discovery import format_taps as format_taps
 from ._discovery import list_taps as list_taps
 from ._errors import CaptureError as CaptureError
 from ._errors import ChannelInferenceError as ChannelInferenceError
+from ._errors import CheckpointError as CheckpointError
+from ._errors import ConfigError as ConfigError
+from ._errors import ConfigTypeError as ConfigTypeError
 from ._errors import DeepSupError as DeepSupError
 from ._errors import DeepSupScriptError as DeepSupScriptError
 from ._errors import DeepSupWarning as DeepSupWarning
 from ._errors import EarlyExitError as EarlyExitError
+from ._errors import HeadError as HeadError
+from ._errors import MissingDependencyError as MissingDependencyError
 from ._errors import TapNotFoundError as TapNotFoundError
 from ._errors import TapOutputError as TapOutputError
 from ._errors import TargetError as TargetError
+from ._errors import UsageError as UsageError
 from ._state import model_state_dict as model_state_dict
 from ._state import param_groups as param_groups
 from ._taps import Tap as Tap
@@ -41,6 +47,9 @@ __all__ = [
     "AuxLosses",
     "CaptureError",
     "ChannelInferenceError",
+    "CheckpointError",
+    "ConfigError",
+    "ConfigTypeError",
     "DeepSupError",
     "DeepSupScriptError",
     "DeepSupWarning",
@@ -48,11 +57,14 @@ __all__ = [
     "EarlyExit",
     "EarlyExitError",
     "HeadDict",
+    "HeadError",
+    "MissingDependencyError",
     "Tap",
     "TapInfo",
     "TapNotFoundError",
     "TapOutputError",
     "TargetError",
+    "UsageError",
     "__version__",
     "exits",
     "format_taps",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -15,13 +16,14 @@ import torch
 from torch import nn
 
 from ._discovery import format_taps, list_taps
+from ._errors import ConfigError, ConfigTypeError
 
 
 def build_model(spec: str) -> nn.Module:
     """Build ``timm:NAME``, ``torchvision:NAME`` or ``package.module:callable``."""
     source, sep, name = spec.partition(":")
     if not sep or not name:
-        raise ValueError(
+        raise ConfigError(
             f"model {spec!r} must be 'timm:NAME', 'torchvision:NAME' or 'package.module:callable'"
         )
     if source == "timm":
@@ -33,9 +35,13 @@ def build_model(spec: str) -> nn.Module:
 
         model = torchvision.models.get_model(name, weights=None)
     else:
+        # as `python -m deepsup` does: a module in the current folder is found (the `deepsup`
+        # console script's sys.path starts at its own bin folder instead)
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
         model = getattr(importlib.import_module(source), name)()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{spec!r} built a {type(model).__name__}, not an nn.Module")
+        raise ConfigTypeError(f"{spec!r} built a {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -65,14 +71,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ls.add_argument("--suggested", action="store_true", help="only the suggested stage boundaries")
     args = parser.parse_args(argv)
-    model = build_model(args.model)
-    example = torch.randn(*args.input) if args.input else None
-    infos = list_taps(model, example)
+    try:
+        model = build_model(args.model)
+    except Exception as err:  # a bad spec: one line, exit 2, no traceback
+        return _fail(f"cannot build model {args.model!r}: {type(err).__name__}: {err}")
+    try:
+        example = torch.randn(*args.input) if args.input else None
+        infos = list_taps(model, example)
+    except Exception as err:
+        shape = ",".join(map(str, args.input or ()))
+        return _fail(
+            f"{args.model} does not run on an input of shape {shape}: "
+            f"{type(err).__name__}: {err}".splitlines()[0]
+        )
     if args.suggested:
         infos = [t for t in infos if t.suggested]
     print(format_taps(infos))
     print(f"\n{len(infos)} modules; * marks suggested taps (stage boundaries)")
     return 0
+
+
+def _fail(message: str) -> int:
+    """Report a user error on one line (as argparse does) and return exit status 2."""
+    print(f"deepsup: error: {message.splitlines()[0] if message else ''}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

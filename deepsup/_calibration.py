@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._errors import ConfigError, ConfigTypeError, call_user
+
 __all__ = ["ExitCosts", "ExitRow", "ExitTable", "search_thresholds", "top1"]
 
 OUTPUT = "output"
@@ -128,7 +130,7 @@ def top1(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _split(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(
+        raise ConfigTypeError(
             f"the loader must yield (input, target) pairs (got {type(batch).__name__}"
             f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''})"
         )
@@ -150,10 +152,16 @@ def _first_sample(x: Any) -> Any:
     return x
 
 
+def score_of(metric: Any, pred: Any, target: Any, name: str) -> torch.Tensor:
+    """``metric(pred, target)``, checked; a user's exception gets the exit in a note."""
+    note = f"deepsup: raised in the metric of exit {name!r}"
+    return _check_score(call_user(metric, pred, target, note=lambda: note), pred, name)
+
+
 def _check_score(score: Any, pred: Any, name: str) -> torch.Tensor:
     if not isinstance(score, torch.Tensor) or score.dim() != 1:
         got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
-        raise ValueError(
+        raise ConfigError(
             f"exit {name!r}: metric(prediction, target) must return one score per sample, a "
             f"1-d tensor (got {got})"
         )

@@ -11,14 +11,16 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any, NamedTuple
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
 
-from ._errors import CaptureError, TapOutputError
+from ._errors import CaptureError, TapOutputError, UsageError, add_note, call_user
 from ._taps import Selector
+
+T = TypeVar("T")
 
 
 class Record(NamedTuple):
@@ -48,7 +50,14 @@ def select_tensor(output: Any, select: Selector | None, tap: str) -> torch.Tenso
     if select is None:
         picked = _default_select(output)
     elif callable(select):
-        picked = select(output)
+        picked = call_user(
+            select,
+            output,
+            note=lambda: (
+                f"deepsup: raised by the select= callable of tap {tap!r} (on an output "
+                f"of type {type(output).__name__})"
+            ),
+        )
     elif isinstance(select, int) and isinstance(output, (tuple, list)):
         picked = output[select] if -len(output) <= select < len(output) else None
     elif isinstance(select, str) and isinstance(output, Mapping):
@@ -94,7 +103,7 @@ class Capture:
     def window(self) -> Iterator[dict[str, list[Record]]]:
         """Open a capture window for one forward call on this thread."""
         if self.records() is not None:
-            raise RuntimeError(
+            raise UsageError(
                 "DeepSupervision's training forward was re-entered on the same thread (the "
                 "wrapper called inside its own forward); call the wrapped model instead"
             )
@@ -104,6 +113,54 @@ class Capture:
             yield records
         finally:
             self._local.records = None
+
+
+def as_call(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """An example input as call arguments: a tensor, a tuple of arguments or a dict of kwargs."""
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,), {}
+    if isinstance(example_input, tuple):
+        return example_input, {}
+    if isinstance(example_input, Mapping):
+        return (), dict(example_input)
+    return (example_input,), {}
+
+
+def _shapes(example_input: Any) -> str:
+    args, kwargs = as_call(example_input)
+    shown = [str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)]
+    shown += [f"{k}={tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    return ", ".join(shown) or type(example_input).__name__
+
+
+def dry_run(model: nn.Module, example_input: Any, window: AbstractContextManager[T]) -> T:
+    """Run ``model`` once on ``example_input`` in eval mode, without gradient, inside ``window``
+    (a context manager: a capture window, or recording hooks); return what ``window`` gave.
+
+    Every module's ``training`` flag is restored afterwards, so a partially frozen model keeps
+    its modes; BatchNorm statistics are not touched (eval mode). An exception from the model is
+    re-raised as itself, with a note naming the example input.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    args, kwargs = as_call(example_input)
+    try:
+        model.eval()
+        with torch.no_grad(), window as value:
+            model(*args, **kwargs)
+        return value
+    except Exception as err:
+        if not isinstance(err, UsageError):
+            add_note(
+                err,
+                f"deepsup: raised in the dry run on example_input= (shapes "
+                f"{_shapes(example_input)}); "
+                "example_input must be a batch, as the model takes in training (x[None] or "
+                "x.unsqueeze(0) for one sample)",
+            )
+        raise
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class TapHook:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,14 +51,22 @@ class _Recorder:
         self.seen.setdefault(self.name, []).append(output)
 
 
-@contextmanager
-def _recording(named: dict[str, nn.Module]) -> Iterator[dict[str, list[Any]]]:
-    seen: dict[str, list[Any]] = {}
-    handles = [m.register_forward_hook(_Recorder(n, seen)) for n, m in named.items()]
-    try:
-        yield seen
-    finally:
-        for h in handles:
+class _recording:  # noqa: N801 - used like a contextmanager function
+    """Hooks that record every module's outputs while the ``with`` block runs."""
+
+    def __init__(self, named: dict[str, nn.Module]) -> None:
+        self.named = named
+        self.seen: dict[str, list[Any]] = {}
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> dict[str, list[Any]]:
+        self.handles = [
+            m.register_forward_hook(_Recorder(n, self.seen)) for n, m in self.named.items()
+        ]
+        return self.seen
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
             h.remove()
 
 
@@ -89,23 +95,14 @@ def list_taps(model: nn.Module, example_input: Any = None) -> list[TapInfo]:
         0 Conv2d (1, 8, 6, 6) 1
         1 ReLU (1, 8, 6, 6) 1
     """
-    from ._capture import _default_select
-    from .wrapper import _as_call
+    from ._capture import _default_select, dry_run
 
     named = dict(model.named_modules())
     named.pop("", None)
     stages = _stages(model)
     seen: dict[str, list[Any]] = {}
     if example_input is not None:
-        modes = [(m, m.training) for m in model.modules()]
-        args, kwargs = _as_call(example_input)
-        try:
-            model.eval()
-            with torch.no_grad(), _recording(named) as seen:
-                model(*args, **kwargs)
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        seen = dry_run(model, example_input, _recording(named))
     out = []
     for name, module in named.items():
         outputs = seen.get(name, [])

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._errors import CheckpointError, ConfigError, ConfigTypeError
+
 __all__ = ["model_state_dict", "param_groups"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
@@ -41,7 +43,7 @@ def model_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         if k.startswith("model."):
             out[k[len("model.") :]] = value
     if not out and state_dict:
-        raise KeyError(
+        raise CheckpointError(
             f"no 'model.' keys in this state_dict (first keys: {list(state_dict)[:3]}); is it "
             "a DeepSupervision state_dict? A plain model's state_dict loads as it is"
         )
@@ -95,13 +97,13 @@ def param_groups(
 
     inner = _unwrap_container(sup)
     if not isinstance(inner, DeepSupervision):
-        raise TypeError(f"sup must be a DeepSupervision (got {type(inner).__name__})")
+        raise ConfigTypeError(f"sup must be a DeepSupervision (got {type(inner).__name__})")
     fast: list[nn.Parameter] = []
     for name in new_modules:
         try:
             fast.extend(inner.model.get_submodule(name).parameters())
         except AttributeError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"new_modules entry {name!r} is not a submodule of "
                 f"{type(inner.model).__name__}; use names of model.named_modules()"
             ) from err

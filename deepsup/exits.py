@@ -17,6 +17,7 @@ per-call state lives in a thread-local slot reset in ``finally``.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import threading
@@ -33,11 +34,11 @@ from ._calibration import (
     _NEVER,
     _STOP,
     OUTPUT,
-    _check_score,
     _first_sample,
     _per_sample,
     _simulate,
     _split,
+    score_of,
 )
 from ._calibration import ExitCosts as ExitCosts
 from ._calibration import ExitRow as ExitRow
@@ -45,7 +46,7 @@ from ._calibration import ExitTable as ExitTable
 from ._calibration import search_thresholds as search_thresholds
 from ._calibration import top1 as top1
 from ._capture import select_tensor
-from ._errors import EarlyExitError
+from ._errors import ConfigError, ConfigTypeError, EarlyExitError, UsageError, call_user
 
 if TYPE_CHECKING:
     from .wrapper import DeepSupervision
@@ -85,6 +86,8 @@ def all_exits(sup: DeepSupervision, *args: Any, **kwargs: Any) -> dict[str, Any]
 
     Raises:
         CaptureError: a tap did not run, or ran several times with ``calls="error"``.
+        UsageError: the wrapper was unwrapped, or the call runs under
+            ``torch.inference_mode()`` (use ``torch.no_grad()``).
 
     Example:
         >>> import torch
@@ -96,15 +99,23 @@ def all_exits(sup: DeepSupervision, *args: Any, **kwargs: Any) -> dict[str, Any]
         >>> {k: tuple(v.shape) for k, v in out.items()}
         {'0': (2, 3), 'output': (2, 3)}
     """
-    if sup._unwrapped:
-        sup._raise_unwrapped()
+    from .wrapper import run_head
+
+    if not sup.training and torch.is_inference_mode_enabled():
+        raise UsageError(
+            "sup.exits() under torch.inference_mode(): the tap hooks check their captures' "
+            "version counters, which inference tensors lack. Use torch.no_grad() (eval-mode "
+            "exits() already runs under it), or EarlyExit for inference"
+        )
+    sup._check_usable()
     _check_names(sup)
     with torch.no_grad() if not sup.training else nullcontext():
         output, captured = sup._captured_forward(args, kwargs)
         result: dict[str, Any] = {}
-        for name, tap in sup.taps.items():
-            preds = [sup._run_head(name, tap, sup.heads[name], f) for f in captured[name]]
-            result[name] = preds if tap.calls == "all" else preds[0]
+        for name, s in sup._settings.items():
+            head = sup.heads[name]
+            preds = [run_head(name, s, head, f, sup._in_channels) for f in captured[name]]
+            result[name] = preds if s.calls == "all" else preds[0]
     result[OUTPUT] = output
     return result
 
@@ -146,19 +157,24 @@ def confidence(prediction: torch.Tensor, kind: str | Confidence = "max_softmax")
         >>> confidence(logits, "margin")
         tensor([0.9640, 0.0000])
     """
-    fn = _confidence_fn(kind)
-    return _check_confidence(fn(prediction), prediction, "?")
+    return _confidence_of(_confidence_fn(kind), prediction, "?")
 
 
 def _confidence_fn(kind: str | Confidence) -> Confidence:
     if callable(kind):
         return kind
     if kind not in CONFIDENCES:
-        raise ValueError(
+        raise ConfigError(
             f"confidence must be one of {sorted(CONFIDENCES)} or a callable prediction -> (B,) "
             f"(got {kind!r})"
         )
     return CONFIDENCES[kind]
+
+
+def _confidence_of(fn: Confidence, pred: torch.Tensor, tap: str) -> torch.Tensor:
+    """``fn(pred)``, checked; a user's exception is re-raised with the tap in a note."""
+    conf = call_user(fn, pred, note=lambda: f"deepsup: raised in the confidence of exit {tap!r}")
+    return _check_confidence(conf, pred, tap)
 
 
 def _check_confidence(conf: Any, pred: torch.Tensor, tap: str) -> torch.Tensor:
@@ -231,13 +247,15 @@ class _ExitHook:
         state: _ExitState,
         name: str,
         select: Any,
-        head: nn.Module,
+        clone: bool,
+        run: Callable[[torch.Tensor], Any],
         confidence: Confidence,
     ) -> None:
         self.state = state
         self.name = name
         self.select = select
-        self.head = head
+        self.clone = clone
+        self.run = run  # the head, with the wrapper's checks (wrapper.run_head)
         self.confidence = confidence
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -250,10 +268,11 @@ class _ExitHook:
         call.visited.append(self.name)
         if threshold == _STOP:
             raise _Exited(self.name, None)
-        pred = self.head(select_tensor(output, self.select, self.name))
+        feat = select_tensor(output, self.select, self.name)
+        pred = self.run(feat.clone() if self.clone else feat)
         if threshold == _ALWAYS:
             raise _Exited(self.name, pred)
-        conf = _check_confidence(self.confidence(pred), pred, self.name)
+        conf = _confidence_of(self.confidence, pred, self.name)
         if isinstance(threshold, float) and bool((conf >= threshold).all()):
             raise _Exited(self.name, pred)
         return None
@@ -267,19 +286,19 @@ def _as_thresholds(threshold: float | Mapping[str, float], taps: Iterable[str]) 
     if isinstance(threshold, Mapping):
         unknown = sorted(set(threshold) - set(taps))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"threshold names taps {unknown} that are not exits; the exits are {taps}"
             )
         out = {t: float(threshold.get(t, math.inf)) for t in taps}
     elif isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
         out = dict.fromkeys(taps, float(threshold))
     else:
-        raise TypeError(
+        raise ConfigTypeError(
             f"threshold must be a float or a dict {{tap: float}} (got {type(threshold).__name__})"
         )
     bad = {t: v for t, v in out.items() if math.isnan(v)}
     if bad:
-        raise ValueError(f"thresholds must not be NaN (got {bad})")
+        raise ConfigError(f"thresholds must not be NaN (got {bad})")
     return out
 
 
@@ -337,7 +356,7 @@ class EarlyExit(nn.Module):
         confidence: str | Confidence = "max_softmax",
     ) -> None:
         super().__init__()
-        from .wrapper import DeepSupervision
+        from .wrapper import DeepSupervision, run_head
 
         if not isinstance(sup, DeepSupervision):
             inner = getattr(sup, "module", None) or getattr(sup, "_orig_mod", None)
@@ -349,10 +368,9 @@ class EarlyExit(nn.Module):
             raise EarlyExitError(
                 f"EarlyExit needs a DeepSupervision (got {type(sup).__name__}).{hint}"
             )
-        if sup._unwrapped:
-            sup._raise_unwrapped()
+        sup._check_usable()
         _check_names(sup)
-        multi = [n for n, t in sup.taps.items() if t.calls == "all"]
+        multi = [n for n, s in sup._settings.items() if s.calls == "all"]
         if multi:
             raise EarlyExitError(
                 f"taps {multi} use calls='all' (several predictions per forward), which cannot "
@@ -366,8 +384,11 @@ class EarlyExit(nn.Module):
         self._state = _ExitState()
         self._heads = [sup.heads[n] for n in self.exits]  # plain list: not registered twice
         self._handles = []
-        for name, tap in sup.taps.items():
-            hook = _ExitHook(self._state, name, tap.select, sup.heads[name], self._confidence)
+        for name, s in sup._settings.items():
+            run = functools.partial(
+                run_head, name, s, sup.heads[name], in_channels=sup._in_channels
+            )
+            hook = _ExitHook(self._state, name, s.select, s.clone, run, self._confidence)
             module = sup.model.get_submodule(name)
             self._handles.append(module.register_forward_hook(hook))
 
@@ -532,7 +553,7 @@ class EarlyExit(nn.Module):
             (True, 1.0)
         """
         if not max_drop >= 0:
-            raise ValueError(f"max_drop must be >= 0 (got {max_drop!r})")
+            raise ConfigError(f"max_drop must be >= 0 (got {max_drop!r})")
         metric = metric or top1
         self._check_usable()
         confs: dict[str, list[torch.Tensor]] = {e: [] for e in self.exits}
@@ -544,11 +565,11 @@ class EarlyExit(nn.Module):
                 first = (_first_sample(args), _first_sample(kwargs))
             preds = all_exits(self.sup, *args, **kwargs)
             for e in self.exits:
-                confs[e].append(_check_confidence(self._confidence(preds[e]), preds[e], e).float())
+                confs[e].append(_confidence_of(self._confidence, preds[e], e).float())
             for e in scores:
-                scores[e].append(_check_score(metric(preds[e], target), preds[e], e).float())
+                scores[e].append(score_of(metric, preds[e], target, e).float())
         if first is None:
-            raise ValueError("the loader gave no batch; calibrate on held-out data")
+            raise ConfigError("the loader gave no batch; calibrate on held-out data")
         costs = self.costs(*first[0], **first[1])
         conf = torch.stack([torch.cat(confs[e]) for e in costs.order])
         score = torch.stack([torch.cat(scores[e]) for e in [*costs.order, OUTPUT]])
@@ -600,15 +621,15 @@ class EarlyExit(nn.Module):
             with torch.no_grad():
                 out = self.sup.model(*args, **kwargs)
             t2 = time.perf_counter()
-            early_scores.append(_check_score(metric(pred, target), pred, name).float())
-            full_scores.append(_check_score(metric(out, target), out, OUTPUT).float())
+            early_scores.append(score_of(metric, pred, target, name).float())
+            full_scores.append(score_of(metric, out, target, OUTPUT).float())
             n = early_scores[-1].numel()
             sizes.append(n)
             exits += [name] * n
             early_times += [(t1 - t0) / n] * n
             full_times += [(t2 - t1) / n] * n
         if first is None:
-            raise ValueError("the loader gave no batch")
+            raise ConfigError("the loader gave no batch")
         costs = self.costs(*first[0], **first[1])
         early = torch.cat(early_scores)
         names = [*costs.order, OUTPUT]

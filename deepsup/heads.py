@@ -4,6 +4,12 @@
 functions here return such factories (small, picklable objects with a readable ``repr``); the
 classes are the heads themselves, usable directly.
 
+Layouts: a head declares where the channels of its input are with a ``layout`` attribute
+(``"NCHW"``: dim 1; ``"NHWC"``: last, tokens (B, N, C) included) and the layout of its
+prediction with ``output_layout``; the factories carry the same attributes. ``DeepSupervision``
+reads them to infer channels and to resize predictions; a custom head may declare them too (or
+pass ``Tap(layout=...)``).
+
 Example:
     >>> import torch
     >>> from deepsup import heads
@@ -21,6 +27,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ._channels import Layout, check_layout
+from ._errors import ConfigError, check_int
+
 __all__ = [
     "ClassificationHead",
     "HeadFactory",
@@ -31,20 +40,13 @@ __all__ = [
     "tokens",
 ]
 
-Layout = Literal["NCHW", "NHWC"]
 HeadFactory = Callable[[int], nn.Module]
 
 
-def _check_layout(layout: str) -> Layout:
-    if layout not in ("NCHW", "NHWC"):
-        raise ValueError(f"layout must be 'NCHW' or 'NHWC' (got {layout!r})")
-    return layout  # type: ignore[return-value]
-
-
-def _check_positive(what: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} must be a positive int (got {value!r})")
-    return value
+def _check_pool(pool: str) -> str:
+    if pool not in ("mean", "cls"):
+        raise ConfigError(f"pool must be 'mean' or 'cls' (got {pool!r})")
+    return pool
 
 
 class SegHead(nn.Module):
@@ -79,10 +81,11 @@ class SegHead(nn.Module):
         layout: Layout = "NCHW",
     ) -> None:
         super().__init__()
-        _check_positive("in_channels", in_channels)
-        _check_positive("num_classes", num_classes)
-        hidden = max(in_channels // 4, 1) if hidden is None else _check_positive("hidden", hidden)
-        self.layout = _check_layout(layout)
+        check_int("in_channels", in_channels)
+        check_int("num_classes", num_classes)
+        hidden = max(in_channels // 4, 1) if hidden is None else check_int("hidden", hidden)
+        self.layout = check_layout(layout)
+        self.output_layout: Layout = "NCHW"
         self.conv = nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(hidden)
         self.relu = nn.ReLU(inplace=True)
@@ -120,9 +123,10 @@ class ClassificationHead(nn.Module):
         self, in_channels: int, num_classes: int, *, dropout: float = 0.0, layout: Layout = "NCHW"
     ) -> None:
         super().__init__()
-        _check_positive("in_channels", in_channels)
-        _check_positive("num_classes", num_classes)
-        self.layout = _check_layout(layout)
+        check_int("in_channels", in_channels)
+        check_int("num_classes", num_classes)
+        self.layout = check_layout(layout)
+        self.output_layout: Layout = "NCHW"  # (B, num_classes): classes at dim 1
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_channels, num_classes)
 
@@ -158,17 +162,17 @@ class TokenHead(nn.Module):
         self, in_channels: int, num_classes: int, *, pool: Literal["mean", "cls"] = "mean"
     ) -> None:
         super().__init__()
-        _check_positive("in_channels", in_channels)
-        _check_positive("num_classes", num_classes)
-        if pool not in ("mean", "cls"):
-            raise ValueError(f"pool must be 'mean' or 'cls' (got {pool!r})")
-        self.pool = pool
+        check_int("in_channels", in_channels)
+        check_int("num_classes", num_classes)
+        self.pool = _check_pool(pool)
+        self.layout: Layout = "NHWC"  # tokens (B, N, C): channels last
+        self.output_layout: Layout = "NCHW"  # (B, num_classes)
         self.norm = nn.LayerNorm(in_channels)
         self.fc = nn.Linear(in_channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"TokenHead expects tokens of shape (B, N, C) (got {tuple(x.shape)}); "
                 "use heads.seg or heads.classification for feature maps"
             )
@@ -181,9 +185,13 @@ class TokenHead(nn.Module):
 class _Factory:
     """A picklable ``in_channels -> nn.Module`` with a constructor-like repr."""
 
-    def __init__(self, name: str, cls: type[nn.Module], **kwargs: Any) -> None:
+    def __init__(
+        self, name: str, cls: type[nn.Module], io: tuple[Layout, Layout], **kwargs: Any
+    ) -> None:
         self.name = name
         self.cls = cls
+        # the head's input and prediction layouts, public: DeepSupervision reads them
+        self.layout, self.output_layout = io
         self.kwargs = kwargs
 
     def __call__(self, in_channels: int) -> nn.Module:
@@ -205,10 +213,16 @@ def seg(
         >>> seg(21)(1024).conv.out_channels
         256
     """
-    _check_positive("num_classes", num_classes)
-    _check_layout(layout)
+    check_int("num_classes", num_classes)
+    check_layout(layout)
     return _Factory(
-        "seg", SegHead, num_classes=num_classes, hidden=hidden, dropout=dropout, layout=layout
+        "seg",
+        SegHead,
+        (layout, "NCHW"),
+        num_classes=num_classes,
+        hidden=hidden,
+        dropout=dropout,
+        layout=layout,
     )
 
 
@@ -221,11 +235,12 @@ def classification(
         >>> classification(10)(512).fc
         Linear(in_features=512, out_features=10, bias=True)
     """
-    _check_positive("num_classes", num_classes)
-    _check_layout(layout)
+    check_int("num_classes", num_classes)
+    check_layout(layout)
     return _Factory(
         "classification",
         ClassificationHead,
+        (layout, "NCHW"),
         num_classes=num_classes,
         dropout=dropout,
         layout=layout,
@@ -239,7 +254,6 @@ def tokens(num_classes: int, *, pool: Literal["mean", "cls"] = "mean") -> HeadFa
         >>> tokens(10, pool="cls")(192).pool
         'cls'
     """
-    _check_positive("num_classes", num_classes)
-    if pool not in ("mean", "cls"):
-        raise ValueError(f"pool must be 'mean' or 'cls' (got {pool!r})")
-    return _Factory("tokens", TokenHead, num_classes=num_classes, pool=pool)
+    check_int("num_classes", num_classes)
+    _check_pool(pool)
+    return _Factory("tokens", TokenHead, ("NHWC", "NCHW"), num_classes=num_classes, pool=pool)

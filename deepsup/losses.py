@@ -7,10 +7,12 @@ where ``teacher`` is the model's output of the same training forward:
 - **detached**: no gradient flows from an aux loss into the model's final head through it;
 - **one tensor**: a tensor output as is, else the first element of a tuple, list, dict or
   dataclass (the rule taps use; torchvision's ``{"out": ...}`` gives ``"out"``);
-- **resized like the target**: a dense teacher ``(B, C, *spatial)`` whose spatial size differs
-  from the (already reconciled) prediction's is brought to it as the target was: downsampled by
-  nearest-neighbour indexing when larger, interpolated (linear by dims, the tap's
-  ``align_corners``) when smaller.
+- **resized like the target**: a dense teacher, in the layout of the tap's prediction
+  (``(B, C, *spatial)``, or ``(B, *spatial, C)`` for a ``"NHWC"`` prediction), whose spatial
+  size differs from the (already reconciled) prediction's is brought to it by the wrapper's own
+  rules (``reconcile``): downsampled by nearest-neighbour indexing when larger (as
+  ``resize="target"`` does to a dense target), interpolated (linear by dims, the tap's
+  ``align_corners``, as ``resize="prediction"`` does to a prediction) when smaller.
 
 Any callable can take part, a plain function included::
 
@@ -30,8 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._capture import _default_select
-from ._errors import TargetError
-from ._resize import downsample_target
+from ._channels import Layout
+from ._errors import ConfigError, ConfigTypeError, TargetError
+from ._resize import _spatial, reconcile
 
 __all__ = [
     "SelfDistillation",
@@ -40,8 +43,6 @@ __all__ = [
     "teacher_for",
     "wants_teacher",
 ]
-
-_INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
 @runtime_checkable
@@ -72,7 +73,12 @@ def wants_teacher(criterion: Any) -> bool:
 
 
 def teacher_for(
-    output: Any, prediction: Any, *, align_corners: bool = False, tap: str = "?"
+    output: Any,
+    prediction: Any,
+    *,
+    align_corners: bool = False,
+    tap: str = "?",
+    layout: Layout = "NCHW",
 ) -> torch.Tensor:
     """The teacher handed to a criterion: ``output``'s tensor, detached, resized to ``prediction``.
 
@@ -82,6 +88,7 @@ def teacher_for(
         prediction: the head's prediction, after it was reconciled with the target.
         align_corners: for a teacher smaller than the prediction (interpolated).
         tap: the tap's name, for error messages.
+        layout: the prediction's layout (``"NCHW"`` or ``"NHWC"``); the teacher is read in it.
 
     Raises:
         TargetError: ``output`` holds no tensor, or its shape cannot be matched to the
@@ -104,25 +111,39 @@ def teacher_for(
     teacher = teacher.detach()
     if not isinstance(prediction, torch.Tensor) or prediction.dim() <= 2:
         return teacher
-    if teacher.dim() != prediction.dim() or teacher.shape[:2] != prediction.shape[:2]:
+    cdim = 1 if layout == "NCHW" else -1
+    if (
+        teacher.dim() != prediction.dim()
+        or teacher.shape[0] != prediction.shape[0]
+        or teacher.shape[cdim] != prediction.shape[cdim]
+    ):
         raise TargetError(
             f"tap {tap!r}: the teacher (the model's output) of shape {tuple(teacher.shape)} "
-            f"does not fit the prediction of shape {tuple(prediction.shape)}; both need the "
-            "same batch and class dims. Give the tap a head with as many classes as the model"
+            f"does not fit the prediction of shape {tuple(prediction.shape)} (layout "
+            f"{layout!r}); both need the same batch and class dims. Give the tap a head with as "
+            "many classes as the model"
         )
-    size = tuple(prediction.shape[2:])
-    tsize = tuple(teacher.shape[2:])
-    if tsize == size:
-        return teacher
-    if all(t >= s for t, s in zip(tsize, size)):
-        return downsample_target(teacher, size)
-    mode = _INTERP.get(len(size))
-    if mode is None:
-        raise TargetError(
-            f"tap {tap!r}: cannot interpolate a teacher with {len(size)} spatial dims "
-            f"(shape {tuple(teacher.shape)}) to the prediction's {size}"
+    # the wrapper's reconcile rules: a larger teacher is downsampled as a dense target is
+    # (resize="target"), a smaller one interpolated as a prediction is (resize="prediction")
+    if all(t >= p for t, p in zip(_spatial(teacher, layout), _spatial(prediction, layout))):
+        _, teacher = reconcile(
+            prediction,
+            teacher,
+            resize="target",
+            align_corners=align_corners,
+            tap=tap,
+            layout=layout,
         )
-    return F.interpolate(teacher, size=size, mode=mode, align_corners=align_corners)
+    else:
+        teacher, _ = reconcile(
+            teacher,
+            prediction,
+            resize="prediction",
+            align_corners=align_corners,
+            tap=tap,
+            layout=layout,
+        )
+    return teacher
 
 
 def distillation_kl(
@@ -160,7 +181,8 @@ class SelfDistillation(nn.Module):
         alpha: the share of the distillation term, in [0, 1].
 
     Raises:
-        ValueError: ``temperature`` <= 0 or ``alpha`` outside [0, 1].
+        ConfigError: ``temperature`` <= 0 or ``alpha`` outside [0, 1].
+        ConfigTypeError: ``criterion`` is not callable.
 
     Example:
         >>> import torch
@@ -185,14 +207,14 @@ class SelfDistillation(nn.Module):
     ) -> None:
         super().__init__()
         if not callable(criterion):
-            raise TypeError(
+            raise ConfigTypeError(
                 f"criterion must be a callable (prediction, target) -> loss "
                 f"(got {type(criterion).__name__})"
             )
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 (got {temperature!r})")
+            raise ConfigError(f"temperature must be > 0 (got {temperature!r})")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1] (got {alpha!r})")
+            raise ConfigError(f"alpha must be in [0, 1] (got {alpha!r})")
         self.criterion = criterion
         self.temperature = float(temperature)
         self.alpha = float(alpha)

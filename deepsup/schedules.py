@@ -16,20 +16,16 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 
+from ._errors import ConfigError, ConfigTypeError, check_int
+
 __all__ = ["Constant", "CosineDecay", "Cutoff", "LinearDecay", "Schedule", "as_schedule"]
 
 
 def _check_nonneg(what: str, value: float) -> float:
     value = float(value)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite number >= 0 (got {value!r})")
+        raise ConfigError(f"{what} must be a finite number >= 0 (got {value!r})")
     return value
-
-
-def _check_total(total: int) -> int:
-    if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
-        raise ValueError(f"total must be a positive int number of steps (got {total!r})")
-    return total
 
 
 class Schedule(ABC):
@@ -74,7 +70,7 @@ class _Decay(Schedule):
 
     def __init__(self, start: float, total: int, end: float = 0.0) -> None:
         self.start = _check_nonneg("start", start)
-        self.total = _check_total(total)
+        self.total = check_int("total", total)
         self.end = _check_nonneg("end", end)
 
     def _fraction(self, step: int) -> float:
@@ -124,9 +120,7 @@ class Cutoff(Schedule):
 
     def __init__(self, value: float, at: int) -> None:
         self.value = _check_nonneg("value", value)
-        if isinstance(at, bool) or not isinstance(at, int) or at < 0:
-            raise ValueError(f"at must be an int step >= 0 (got {at!r})")
-        self.at = at
+        self.at = check_int("at", at, minimum=0)
 
     def __call__(self, step: int) -> float:
         return self.value if step < self.at else 0.0
@@ -142,7 +136,7 @@ def as_schedule(weight: float | Schedule) -> Schedule:
     if isinstance(weight, Schedule):
         return weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise TypeError(
+        raise ConfigTypeError(
             f"weight must be a float or a deepsup.schedules.Schedule (got {type(weight).__name__})"
         )
     return Constant(weight)

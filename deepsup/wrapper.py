@@ -3,28 +3,54 @@
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import replace
 from typing import Any, NoReturn
 
 import torch
 from torch import nn
 
-from ._capture import Capture, Record, TapHook, check_records
-from ._channels import channel_dim, from_feature_info, from_last_layer
-from ._errors import ChannelInferenceError, DeepSupError, DeepSupScriptError, TargetError
+from ._capture import Capture, TapHook, as_call, check_records, dry_run
+from ._channels import check_channels, infer_channels
+from ._checks import check_batch, check_head, check_target_key
+from ._errors import (
+    ConfigError,
+    ConfigTypeError,
+    DeepSupScriptError,
+    DeepSupWarning,
+    HeadError,
+    TargetError,
+    UsageError,
+    call_user,
+    check_int,
+)
 from ._resize import Resize, check_resize, reconcile
-from ._taps import CALLS, INHERIT, Calls, Tap, TapsArg, resolve_taps
+from ._taps import (
+    Calls,
+    TapsArg,
+    TapSettings,
+    TapsView,
+    check_calls,
+    check_criterion,
+    resolve_taps,
+    settle,
+)
 from .losses import teacher_for, wants_teacher
-from .schedules import Schedule, as_schedule
 
 __all__ = ["AuxLosses", "DeepSupervision", "HeadDict"]
+
+_as_call = as_call  # the name other modules imported before the dry run moved to _capture
 
 
 class AuxLosses(dict):  # type: ignore[type-arg]
     """``{tap name: weighted aux loss}``, with the unweighted losses in :attr:`raw`.
 
-    ``raw`` holds detached values, for logging; only the weighted losses carry gradient.
+    ``raw`` holds detached values, for logging; only the weighted losses carry gradient. It is
+    optional, so ``type(aux)(pairs)`` rebuilds one (``nn.DataParallel``'s gather, dict
+    utilities); the rebuilt one has an empty ``raw``. A tap built with ``criterion=None`` in a
+    wrapper where other taps have a criterion maps to its prediction and has no ``raw`` entry
+    (a wrapper where no tap has a criterion returns a plain ``dict`` of predictions).
 
     A plain ``dict`` in every other respect, so ``sum(aux.values())`` is the total aux loss.
 
@@ -35,9 +61,14 @@ class AuxLosses(dict):  # type: ignore[type-arg]
         (0.5, 1.0)
     """
 
-    def __init__(self, losses: Mapping[str, Any], *, raw: Mapping[str, Any]) -> None:
-        super().__init__(losses)
-        self.raw: dict[str, Any] = dict(raw)
+    def __init__(
+        self, losses: Any = (), /, *, raw: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(losses, **kwargs)
+        self.raw: dict[str, Any] = dict(raw or {})
+
+    def __reduce__(self) -> Any:  # pickle and copy keep raw
+        return (type(self), (dict(self),), {"raw": self.raw})
 
 
 def _escape(name: str) -> str:
@@ -76,46 +107,6 @@ class HeadDict(nn.ModuleDict):
         return [(k, self[k]) for k in self]
 
 
-def _with_context(err: Exception, context: str) -> Exception:
-    """The same exception type with the tap's context prepended, where it can be rebuilt."""
-    msg = f"{context}: {err}"
-    try:
-        new = type(err)(msg)
-    except Exception:
-        new = RuntimeError(msg)
-    if not isinstance(new, type(err)) or str(new) != msg:
-        new = RuntimeError(msg)
-    return new
-
-
-def _as_call(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(example_input, torch.Tensor):
-        return (example_input,), {}
-    if isinstance(example_input, tuple):
-        return example_input, {}
-    if isinstance(example_input, Mapping):
-        return (), dict(example_input)
-    return (example_input,), {}
-
-
-def dry_run(model: nn.Module, capture: Capture, example_input: Any) -> dict[str, list[Record]]:
-    """Run the model once in eval mode without gradient inside a capture window.
-
-    Every module's ``training`` flag is restored afterwards, so a partially frozen model keeps
-    its modes; BatchNorm statistics are not touched (eval mode).
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    args, kwargs = _as_call(example_input)
-    try:
-        model.eval()
-        with torch.no_grad(), capture.window() as records:
-            model(*args, **kwargs)
-        return records
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 class DeepSupervision(nn.Module):
     """Deep supervision for an unmodified model: aux heads and losses on named modules.
 
@@ -148,17 +139,24 @@ class DeepSupervision(nn.Module):
             ``feature_info`` or the tapped module's last conv/norm/linear.
         calls: the default of :attr:`Tap.calls` (a module that runs several times per forward).
         clone: the default of :attr:`Tap.clone`.
+        target_key: the keyword that carries the target in a training forward. A model whose
+            ``forward`` takes a parameter of this name (its own ``target=``) is refused at
+            construction, so that the model never silently loses it: pass another name, e.g.
+            ``target_key="aux_target"``, and call ``sup(x, target=t, aux_target=y)``.
 
     Raises:
         TapNotFoundError: a tap names no submodule (the message lists close matches).
         ChannelInferenceError: a head's input channels cannot be inferred.
+        ConfigError, ConfigTypeError: another argument is wrong (see ``deepsup._errors``).
 
     Shape:
         Training: ``sup(*args, target=target, **kwargs)`` returns ``(output, aux)``, ``output``
         exactly what ``model(*args, **kwargs)`` returns and ``aux`` an :class:`AuxLosses`
         ``{tap: weight * criterion(prediction, target)}`` (with ``.raw`` unweighted and
-        detached, for logging), or
-        ``{tap: prediction}`` when ``criterion=None``. ``target`` may also be a dict
+        detached, for logging), or a plain dict
+        ``{tap: prediction}`` when ``criterion=None``. The weight is applied exactly, as
+        ``weight * loss`` in the loss's dtype would; ``sup.step()`` may run between the forward
+        and its backward (the backward uses the forward's weight). ``target`` may also be a dict
         ``{tap: target}``. Eval: ``sup(*args, **kwargs)`` returns ``model(*args, **kwargs)``;
         ``target=`` is accepted and ignored.
 
@@ -196,55 +194,63 @@ class DeepSupervision(nn.Module):
         example_input: Any = None,
         calls: Calls = "error",
         clone: bool = False,
+        target_key: str = "target",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module (got {type(model).__name__})")
+            raise ConfigTypeError(f"model must be an nn.Module (got {type(model).__name__})")
         if isinstance(model, DeepSupervision):
-            raise TypeError(
+            raise ConfigTypeError(
                 "model is already a DeepSupervision; add the taps to one wrapper instead"
             )
-        if calls not in CALLS:
-            raise ValueError(f"calls must be one of {CALLS} (got {calls!r})")
+        check_calls(calls)
         check_resize(resize)
+        check_criterion(criterion, "")
+        check_head(head, "")
+        self._target_key = check_target_key(model, target_key)
         self.model = model
-        if isinstance(criterion, nn.Module):
-            self.criterion: Callable[..., Any] | None = criterion
-        else:
-            self.criterion = criterion
+        self.criterion = criterion
 
         resolved = resolve_taps(model, taps)
-        self.taps: dict[str, Tap] = {}
+        self._settings: dict[str, TapSettings] = {}
+        specs: dict[str, Any] = {}
         for name, (_, tap) in resolved.items():
-            self.taps[name] = replace(
+            self._settings[name], specs[name] = settle(
                 tap,
-                weight=as_schedule(tap.weight),
-                criterion=criterion if tap.criterion is INHERIT else tap.criterion,
-                resize=resize if tap.resize is INHERIT else check_resize(tap.resize),
-                align_corners=align_corners if tap.align_corners is None else tap.align_corners,
-                calls=calls if tap.calls is None else tap.calls,
-                clone=clone if tap.clone is None else tap.clone,
-                head=tap.head if tap.head is not None else head,
+                head=head,
+                criterion=criterion,
+                resize=resize,
+                align_corners=align_corners,
+                calls=calls,
+                clone=clone,
             )
+            check_head(specs[name], f"tap {name!r}: ")
 
         self._capture = Capture()
         self._handles = []
         for name, (module, _) in resolved.items():
-            tap = self.taps[name]
-            hook = TapHook(self._capture, name, tap.select, bool(tap.clone))
-            self._handles.append(module.register_forward_hook(hook))
+            s = self._settings[name]
+            self._handles.append(
+                module.register_forward_hook(TapHook(self._capture, name, s.select, s.clone))
+            )
 
-        self.heads = HeadDict(self._build_heads(resolved, example_input))
+        modules = {n: m for n, (m, _) in resolved.items()}
+        # the factories are dropped once the heads are built: a lambda factory still pickles
+        self.heads = HeadDict(self._build_heads(modules, specs, example_input))
+        self.taps = TapsView({n: s.as_tap(self.heads[n]) for n, s in self._settings.items()})
         tap_criteria = {
-            n: t.criterion
-            for n, t in self.taps.items()
-            if isinstance(t.criterion, nn.Module) and t.criterion is not criterion
+            n: s.criterion
+            for n, s in self._settings.items()
+            if isinstance(s.criterion, nn.Module) and s.criterion is not criterion
         }
         if tap_criteria:  # registered so that .to(device) moves their buffers (class weights)
             self.criteria = HeadDict(tap_criteria)
         self._progress = 0
+        # float64, and kept float64 by _apply: every float weight is exact in it (see _weighted)
         self.register_buffer(
-            "_weight_values", torch.zeros(len(self.taps), dtype=torch.float32), persistent=False
+            "_weight_values",
+            torch.zeros(len(self._settings), dtype=torch.float64),
+            persistent=False,
         )
         self._refresh_weights()
         self._unwrapped = False
@@ -252,76 +258,95 @@ class DeepSupervision(nn.Module):
     # construction -------------------------------------------------------------------------
 
     def _build_heads(
-        self, resolved: Mapping[str, tuple[nn.Module, Tap]], example_input: Any
+        self, modules: Mapping[str, nn.Module], specs: Mapping[str, Any], example_input: Any
     ) -> dict[str, nn.Module]:
         uses: dict[int, int] = {}
-        for tap in self.taps.values():
-            if isinstance(tap.head, nn.Module):
-                uses[id(tap.head)] = uses.get(id(tap.head), 0) + 1
+        for spec in specs.values():
+            if isinstance(spec, nn.Module):
+                uses[id(spec)] = uses.get(id(spec), 0) + 1
         need = [
-            n
-            for n, t in self.taps.items()
-            if t.head is not None and not isinstance(t.head, nn.Module)
+            n for n, spec in specs.items() if spec is not None and not isinstance(spec, nn.Module)
         ]
         shapes: dict[str, torch.Size] = {}
         if example_input is not None and need:
-            records = dry_run(self.model, self._capture, example_input)
+            records = dry_run(self.model, example_input, self._capture.window())
             for n in need:
                 if records.get(n):
                     shapes[n] = records[n][0].tensor.shape
+            check_batch(example_input, shapes)
         self._in_channels: dict[str, int] = {}
         heads: dict[str, nn.Module] = {}
-        for name, tap in self.taps.items():
-            if tap.head is None:
-                raise ValueError(
+        for name, spec in specs.items():
+            s = self._settings[name]
+            if spec is None:
+                raise ConfigError(
                     f"tap {name!r} has no head; pass head= (e.g. deepsup.heads.seg(num_classes)) "
                     "or Tap(head=...)"
                 )
-            if isinstance(tap.head, nn.Module):
-                heads[name] = copy.deepcopy(tap.head) if uses[id(tap.head)] > 1 else tap.head
+            if isinstance(spec, nn.Module):
+                if s.in_channels is not None:
+                    warnings.warn(
+                        f"tap {name!r}: Tap(in_channels={s.in_channels}) has no effect with a "
+                        "ready head module (it is used as given)",
+                        DeepSupWarning,
+                        stacklevel=3,
+                    )
+                heads[name] = copy.deepcopy(spec) if uses[id(spec)] > 1 else spec
                 continue
-            if not callable(tap.head):
-                raise TypeError(
-                    f"tap {name!r}: head must be a factory in_channels -> nn.Module or an "
-                    f"nn.Module (got {type(tap.head).__name__})"
-                )
-            layout = getattr(tap.head, "kwargs", {}).get("layout", "NCHW")
-            channels = tap.in_channels
-            if channels is None and name in shapes:
-                shape = shapes[name]
-                channels = int(shape[channel_dim(len(shape), layout)]) if len(shape) > 1 else None
-            if channels is None:
-                channels = from_feature_info(self.model, name)
-            if channels is None:
-                channels = from_last_layer(resolved[name][0])
-            if channels is None:
-                ran = "" if example_input is None else " (it did not run in the dry run)"
-                raise ChannelInferenceError(
-                    f"cannot infer the channels of tap {name!r} "
-                    f"({type(resolved[name][0]).__name__}){ran}; pass example_input= to "
-                    "DeepSupervision for a dry run, or Tap(in_channels=...)"
-                )
+            channels = infer_channels(
+                self.model,
+                name,
+                modules[name],
+                layout=s.layout,
+                given=s.in_channels,
+                shape=shapes.get(name),
+                dry_run=example_input is not None,
+            )
             self._in_channels[name] = channels
-            built = tap.head(channels)
+            built = spec(channels)
             if not isinstance(built, nn.Module):
-                raise TypeError(
-                    f"tap {name!r}: the head factory returned {type(built).__name__}, "
-                    "not an nn.Module"
+                hint = (
+                    " (a factory of factories: was a head maker passed uncalled?)"
+                    if callable(built)
+                    else ""
+                )
+                raise ConfigTypeError(
+                    f"tap {name!r}: the head factory returned {type(built).__name__}, not an "
+                    f"nn.Module{hint}; head= takes a callable in_channels -> nn.Module such as "
+                    "deepsup.heads.seg(num_classes)"
                 )
             heads[name] = built
         return heads
 
     # weights and progress -------------------------------------------------------------------
 
-    def _refresh_weights(self) -> None:
-        values = [self._schedule(n)(self._progress) for n in self.taps]
-        with torch.no_grad():
-            self._weight_values.copy_(torch.tensor(values, dtype=torch.float32))
+    def _weight_list(self, progress: int) -> list[float]:
+        values = []
+        for name, s in self._settings.items():
+            w = s.weight(progress)
+            ok = isinstance(w, (int, float)) and not isinstance(w, bool)
+            if not ok or not math.isfinite(w) or w < 0:
+                raise ConfigError(
+                    f"tap {name!r}: the schedule {s.weight!r} gave the weight {w!r} at progress "
+                    f"{progress}; a weight must be a finite number >= 0. Fix the schedule's "
+                    "__call__ (deepsup.schedules.Schedule)"
+                )
+            values.append(float(w))
+        return values
 
-    def _schedule(self, name: str) -> Schedule:
-        weight = self.taps[name].weight
-        assert isinstance(weight, Schedule)  # as_schedule at construction
-        return weight
+    def _refresh_weights(self) -> None:
+        values = self._weight_list(self._progress)
+        with torch.no_grad():  # in place: a compiled forward reads the same buffer (no recompile)
+            self._weight_values.copy_(torch.tensor(values, dtype=torch.float64))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        """As ``nn.Module._apply``, but the weights stay float64 and exact (``.to(bfloat16)``)."""
+        out = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        device = self._weight_values.device
+        self._weight_values = torch.tensor(
+            self._weight_list(self._progress), dtype=torch.float64, device=device
+        )
+        return out
 
     @property
     def progress(self) -> int:
@@ -330,13 +355,18 @@ class DeepSupervision(nn.Module):
 
     @progress.setter
     def progress(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"progress must be an int >= 0 (got {value!r})")
+        value = check_int("progress", value, minimum=0)
+        self._weight_list(value)  # checked before anything changes
         self._progress = value
         self._refresh_weights()
 
     def step(self, n: int = 1) -> None:
         """Advance the weight schedules by ``n`` (call once per iteration, or per epoch).
+
+        Legal between a forward and its backward: the backward uses the forward's weight.
+
+        Raises:
+            ConfigError: a schedule gives a weight that is not a finite number >= 0.
 
         Example:
             >>> from torch import nn
@@ -351,7 +381,7 @@ class DeepSupervision(nn.Module):
     @property
     def weights(self) -> dict[str, float]:
         """The current weight of each tap."""
-        return {n: self._schedule(n)(self._progress) for n in self.taps}
+        return dict(zip(self._settings, self._weight_list(self._progress)))
 
     def get_extra_state(self) -> torch.Tensor:
         """The progress, saved as ``_extra_state`` (a tensor, so every exporter copes)."""
@@ -364,7 +394,7 @@ class DeepSupervision(nn.Module):
         if isinstance(state, torch.Tensor) and state.numel() == 1:
             state = state.item()
         if isinstance(state, bool) or not isinstance(state, int):
-            raise ValueError(
+            raise ConfigError(
                 "a DeepSupervision checkpoint's _extra_state must be the progress, an int "
                 f"tensor (got {state!r})"
             )
@@ -372,18 +402,12 @@ class DeepSupervision(nn.Module):
 
     # forward -----------------------------------------------------------------------------
 
-    def forward(self, *args: Any, target: Any = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Eval: ``model(*args, **kwargs)``. Training: ``(output, aux)``; see the class docs."""
+        target = kwargs.pop(self._target_key, None)
         if not self.training:
             return self.model(*args, **kwargs)
-        if self._unwrapped:
-            self._raise_unwrapped()
-        if target is None and any(t.criterion is not None for t in self.taps.values()):
-            raise TargetError(
-                "a training forward needs target= to compute the aux losses (got none); call "
-                "sup(x, target=y), or build the wrapper with criterion=None to get the heads' "
-                "predictions, or call sup.eval() for inference"
-            )
+        self._check_can_train(target)
         output, captured = self._captured_forward(args, kwargs)
         return output, self._aux(captured, target, output)
 
@@ -398,93 +422,118 @@ class DeepSupervision(nn.Module):
                 name: check_records(
                     name,
                     records.get(name, []),
-                    calls=str(tap.calls),
-                    detach=tap.detach,
+                    calls=s.calls,
+                    detach=s.detach,
                     grad_enabled=grad_enabled,
                 )
-                for name, tap in self.taps.items()
+                for name, s in self._settings.items()
             }
         return output, captured
 
-    def _aux(self, captured: dict[str, list[torch.Tensor]], target: Any, output: Any) -> AuxLosses:
+    def _check_usable(self) -> None:
+        """The checks of every forward that runs the heads (training, ``exits()``)."""
+        if self._unwrapped:
+            raise UsageError(
+                "this DeepSupervision was unwrapped (its hooks are removed); train the model "
+                "through a new DeepSupervision(model, ...)"
+            )
+        # (eager only: Dynamo cannot trace the check, and compiled code under
+        # inference_mode fails on its own)
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+            raise UsageError(
+                "a training forward under torch.inference_mode(): the aux heads need autograd "
+                "tensors (and BatchNorm would update its statistics). Call sup.eval() for "
+                "inference (the wrapper is then the model), or use torch.no_grad() for a "
+                "training-mode forward without gradient"
+            )
+
+    def _check_can_train(self, target: Any) -> None:
+        self._check_usable()
+        with_criterion = any(s.criterion is not None for s in self._settings.values())
+        key = self._target_key
+        if target is None and with_criterion:
+            raise TargetError(
+                f"a training forward needs {key}= to compute the aux losses (got none); call "
+                f"sup(x, {key}=y), or build the wrapper with criterion=None to get the heads' "
+                "predictions, or call sup.eval() for inference"
+            )
+        if target is not None and not with_criterion:
+            warnings.warn(
+                f"{key}= has no effect: no tap has a criterion, so the training forward returns "
+                "the heads' predictions; drop it, or pass criterion=",
+                DeepSupWarning,
+                stacklevel=4,
+            )
+
+    def _aux(
+        self, captured: dict[str, list[torch.Tensor]], target: Any, output: Any
+    ) -> dict[str, Any]:
         losses: dict[str, Any] = {}
         raw: dict[str, Any] = {}
-        for i, (name, tap) in enumerate(self.taps.items()):
+        for i, (name, s) in enumerate(self._settings.items()):
             head = self.heads[name]
-            preds = [self._run_head(name, tap, head, f) for f in captured[name]]
-            if tap.criterion is None:
-                losses[name] = raw[name] = preds if tap.calls == "all" else preds[0]
+            preds = [run_head(name, s, head, f, self._in_channels) for f in captured[name]]
+            if s.criterion is None:
+                losses[name] = preds if s.calls == "all" else preds[0]
                 continue
             tap_target = self._target_for(name, target)
-            values = [self._loss(name, tap, p, tap_target, output) for p in preds]
+            values = [self._loss(name, s, p, tap_target, output) for p in preds]
             loss = values[0] if len(values) == 1 else torch.stack(values).mean()
             # detached: a logging view. Keeping it in the graph costs a compiled train step an
             # extra output that needs grad (measured: 1.13x time, +23% peak memory; see
             # docs/benchmarks.md). `criterion=None` gives the undetached predictions.
             raw[name] = loss.detach()
-            losses[name] = loss * self._weight_values[i]
+            losses[name] = _weighted(loss, self._weight_values[i])
+        if not raw:  # no tap has a criterion: predictions, not losses
+            return losses
         return AuxLosses(losses, raw=raw)
-
-    def _run_head(self, name: str, tap: Tap, head: nn.Module, feat: torch.Tensor) -> Any:
-        expected = self._in_channels.get(name)
-        if expected is not None and feat.dim() > 1:
-            layout = getattr(tap.head, "kwargs", {}).get("layout", "NCHW")
-            got = feat.shape[channel_dim(feat.dim(), layout)]
-            if got != expected:
-                raise ChannelInferenceError(
-                    f"tap {name!r}: its head was built for {expected} channels but the captured "
-                    f"output has shape {tuple(feat.shape)}; pass example_input= for an exact "
-                    "dry run, or Tap(in_channels=...)"
-                )
-        try:
-            return head(feat)
-        except DeepSupError:
-            raise
-        except Exception as err:
-            raise _with_context(
-                err,
-                f"in the head of tap {name!r} (input shape {tuple(feat.shape)}, "
-                f"dtype {feat.dtype})",
-            ) from err
 
     def _target_for(self, name: str, target: Any) -> Any:
         if isinstance(target, Mapping):
             if name not in target:
                 raise TargetError(
-                    f"target= is a dict without an entry for tap {name!r} (keys "
+                    f"{self._target_key}= is a dict without an entry for tap {name!r} (keys "
                     f"{sorted(target)}); give every tap a target"
                 )
             return target[name]
         return target
 
-    def _loss(self, name: str, tap: Tap, pred: Any, target: Any, output: Any) -> torch.Tensor:
-        criterion = tap.criterion
-        assert criterion is not None
+    def _loss(self, name: str, s: TapSettings, pred: Any, target: Any, output: Any) -> torch.Tensor:
+        criterion = s.criterion
+        if criterion is None:  # pragma: no cover - _aux returns predictions for these taps
+            raise ConfigError(f"tap {name!r} has no criterion")
+        labels = (
+            isinstance(pred, torch.Tensor)
+            and isinstance(target, torch.Tensor)
+            and not target.is_floating_point()
+            and target.dim() == pred.dim() - 1
+        )
         if isinstance(pred, torch.Tensor) and isinstance(target, torch.Tensor):
             pred, target = reconcile(
-                pred, target, resize=tap.resize, align_corners=bool(tap.align_corners), tap=name
+                pred,
+                target,
+                resize=s.resize,
+                align_corners=s.align_corners,
+                tap=name,
+                layout=s.pred_layout,
+                ignore_index=s.ignore_index,
             )
         extra = {}  # the teacher protocol of deepsup.losses: the model's output, detached
         if wants_teacher(criterion):
-            align = bool(tap.align_corners)
-            extra["teacher"] = teacher_for(output, pred, align_corners=align, tap=name)
-        try:
-            loss = criterion(pred, target, **extra)
-        except DeepSupError:
-            raise
-        except Exception as err:
-            shape = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
-            tshape = (
-                tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+            extra["teacher"] = teacher_for(
+                output, pred, align_corners=s.align_corners, tap=name, layout=s.pred_layout
             )
-            raise _with_context(
-                err,
-                f"in the criterion of tap {name!r} (prediction {shape}, target {tshape})",
-            ) from err
+        loss = call_user(
+            criterion, pred, target, note=lambda: _criterion_note(name, pred, target), **extra
+        )
         if not isinstance(loss, torch.Tensor):
-            raise TypeError(
+            raise ConfigTypeError(
                 f"tap {name!r}: the criterion returned {type(loss).__name__}, not a tensor"
             )
+        if labels and s.ignore_index is not None:
+            # no valid label in the batch: a mean over nothing is NaN; give 0 (still in the
+            # graph, so every head parameter gets a gradient, as DDP needs). No host sync.
+            loss = torch.where((target != s.ignore_index).any(), loss, 0.0)
         return loss
 
     def exits(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -528,14 +577,8 @@ class DeepSupervision(nn.Module):
         self._unwrapped = True
         return self.model
 
-    def _raise_unwrapped(self) -> NoReturn:
-        raise RuntimeError(
-            "this DeepSupervision was unwrapped (its hooks are removed); train the model "
-            "through a new DeepSupervision(model, ...)"
-        )
-
     def extra_repr(self) -> str:
-        taps = ", ".join(f"{n!r}: {t.weight!r}" for n, t in self.taps.items())
+        taps = ", ".join(f"{n!r}: {s.weight!r}" for n, s in self._settings.items())
         return f"taps={{{taps}}}, progress={self._progress}"
 
     def __prepare_scriptable__(self) -> NoReturn:
@@ -545,3 +588,52 @@ class DeepSupervision(nn.Module):
             "torch.jit.script(sup.unwrap()), or use torch.jit.trace / torch.export on the eval "
             "wrapper"
         )
+
+
+def run_head(
+    name: str, s: TapSettings, head: nn.Module, feat: torch.Tensor, in_channels: Mapping[str, int]
+) -> Any:
+    """The head of tap ``name`` on ``feat``, checked (channels, in-place change of its input);
+    a user's exception is re-raised with the tap in a note. Shared by the training forward,
+    ``exits()`` and :class:`~deepsup.EarlyExit`."""
+    check_channels(name, feat, in_channels, s.layout)
+    # a head that changes its input in place would change the model's output (a tap on the
+    # last module) or a tensor autograd saved (backward fails far from here): checked below
+    # (inference tensors have no version counter: EarlyExit under inference_mode)
+    skip = s.clone or torch.compiler.is_compiling() or feat.is_inference()
+    version = -1 if skip else feat._version
+    pred = call_user(
+        head,
+        feat,
+        note=lambda: (
+            f"deepsup: raised in the head of tap {name!r} (input shape "
+            f"{tuple(feat.shape)}, dtype {feat.dtype})"
+        ),
+    )
+    if version >= 0 and feat._version != version:
+        raise HeadError(
+            f"tap {name!r}: its head changed its input in place (an in-place op such as "
+            "ReLU(inplace=True) at the head's start), which would change the model's output "
+            "or a tensor autograd saved for backward. Pass Tap(clone=True) to give the head "
+            "a copy, or use a head that does not modify its input"
+        )
+    return pred
+
+
+def _criterion_note(name: str, pred: Any, target: Any) -> str:
+    def shape(t: Any) -> Any:
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+    return (
+        f"deepsup: raised in the criterion of tap {name!r} (prediction {shape(pred)}, "
+        f"target {shape(target)})"
+    )
+
+
+def _weighted(loss: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``loss * weight`` exactly as ``loss * float(weight)`` would compute it, from a float64
+    0-dim buffer entry: in the loss's dtype, via float32 for half and bfloat16 (PyTorch's rule
+    for Python scalars). The weight is a copy, so ``sup.step()`` before backward is legal."""
+    if loss.dtype in (torch.float16, torch.bfloat16):
+        return (loss.float() * weight.float()).to(loss.dtype)
+    return loss * weight.to(dtype=loss.dtype, copy=True)

@@ -27,15 +27,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import math
 import os
 import random
+import sys
+import tempfile
 import time
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
+from zipfile import BadZipFile
 
 import numpy as np
 import torch
@@ -62,6 +67,7 @@ from voc_data import (  # the helper module next to this file
 import deepsup
 from deepsup import DeepSupervision, Tap, heads
 from deepsup.models import PSPNet
+from deepsup.models.pspnet import WeightsError
 
 # Defaults that depend on the data. The reference recipe (hszhao/semseg, voc2012_pspnet50.yaml)
 # for real VOC; for the synthetic set, a configuration a 2-core CPU trains in a few minutes.
@@ -104,20 +110,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.path.join(_cache_home(), "deepsup", "voc-synthetic"),
         help="where the synthetic data set is written",
     )
-    data.add_argument("--synthetic-train", type=int, default=400, help="synthetic training images")
-    data.add_argument("--synthetic-val", type=int, default=60, help="synthetic validation images")
-    data.add_argument("--val-images", type=int, help="evaluate on the first N val images only")
-    data.add_argument("--workers", type=int, help="DataLoader workers per process")
+    data.add_argument(
+        "--synthetic-train", type=_positive, default=400, help="synthetic training images"
+    )
+    data.add_argument(
+        "--synthetic-val", type=_positive, default=60, help="synthetic validation images"
+    )
+    data.add_argument(
+        "--val-images", type=_positive, help="evaluate on the first N val images only"
+    )
+    data.add_argument("--workers", type=_non_negative, help="DataLoader workers per process")
     train = p.add_argument_group(
         "training (defaults: the reference recipe with --data-root, "
         "a small CPU configuration without)"
     )
     train.add_argument("--backbone", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
     train.add_argument("--weights", help="ImageNet state_dict of the torchvision ResNet backbone")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--steps-per-epoch", type=int, help="cap the iterations per epoch")
-    train.add_argument("--batch-size", type=int, help="total over all processes")
-    train.add_argument("--crop-size", type=int)
+    train.add_argument("--epochs", type=_positive)
+    train.add_argument("--steps-per-epoch", type=_positive, help="cap the iterations per epoch")
+    train.add_argument("--batch-size", type=_positive, help="total over all processes")
+    train.add_argument("--crop-size", type=_positive)
     train.add_argument("--lr", type=float, help="backbone lr; new layers and the aux head get 10x")
     train.add_argument(
         "--aux-weight",
@@ -131,15 +143,91 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out = p.add_argument_group("output")
     out.add_argument("--out", default="runs/pspnet_voc", help="output folder")
     out.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUT/last.pt")
-    out.add_argument("--overlays", type=int, default=4, help="prediction images to save")
+    out.add_argument("--overlays", type=_non_negative, default=4, help="prediction images to save")
     args = p.parse_args(argv)
     defaults = RECIPE if args.data_root else SYNTHETIC
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.aux_weight < 0:
-        p.error(f"--aux-weight must be >= 0 (got {args.aux_weight})")
+    if not math.isfinite(args.aux_weight) or args.aux_weight < 0:
+        p.error(f"--aux-weight must be a finite number >= 0 (got {args.aux_weight})")
+    # Everything that would otherwise fail after an epoch of training fails here, at once.
+    for problem in (_device_problem(args.device), _missing_dependency(), _out_problem(args.out)):
+        if problem:
+            p.error(problem)
+    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
+        p.error(f"--resume {args.resume!r}: no such file")
+    if args.weights and not Path(args.weights).is_file():
+        p.error(f"--weights {args.weights!r}: no such file")
     return args
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be a positive int (got 0)")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int (got {text!r})") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0 (got {value})")
+    return value
+
+
+def _device_problem(device: str) -> str | None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        return f"--device {device!r} is not a device ({err})"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device!r}: no CUDA GPU is available here; use --device cpu"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+    return None
+
+
+def _missing_dependency() -> str | None:
+    """The reports need matplotlib (curves.png) and Pillow (overlays): check before training."""
+    for module, package in (("matplotlib", "matplotlib"), ("PIL", "pillow")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return (
+                f"{package} is not installed, but the run writes its figures with it; "
+                f"pip install {package} (or pip install 'deepsup[examples]')"
+            )
+    return None
+
+
+def _out_problem(out: str) -> str | None:
+    """``--out`` must be a folder this process can create and write into (nothing is created)."""
+    path = Path(out).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"--out {out!r} is not a writable folder ({str(existing)!r} is a file)"
+    if existing != path:
+        if os.access(existing, os.W_OK | os.X_OK):
+            return None
+        return f"--out {out!r} is not a writable folder (cannot create it in {str(existing)!r})"
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return f"--out {out!r} is not a writable folder ({err.strerror or err})"
+    return None
+
+
+def _usage_error(message: str) -> SystemExit:
+    """An error in the user's input found after parsing: one line on stderr, exit code 2."""
+    print(f"{Path(sys.argv[0]).name or 'pspnet_voc.py'}: error: {message}", file=sys.stderr)
+    return SystemExit(2)
 
 
 def _cache_home() -> str:
@@ -256,7 +344,10 @@ def build_train_loader(
 
 def build_model(args: argparse.Namespace, env: Dist) -> tuple[nn.Module, nn.Module]:
     """The training module (wrapped in DDP when distributed) and the bare one (for eval, saving)."""
-    model = PSPNet(NUM_CLASSES, args.backbone, weights=args.weights)
+    try:
+        model = PSPNet(NUM_CLASSES, args.backbone, weights=args.weights)
+    except WeightsError as err:
+        raise _usage_error(f"--weights: {err}") from None
     net: nn.Module = model
     if args.aux_weight > 0:
         # The whole of deep supervision: PSPNet's aux head on layer3, its loss resized to the label.
@@ -439,9 +530,48 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never leaves a half-written last.pt
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)  # never leaves a half-written checkpoint
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "scaler", "rng", "history")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint this script wrote, or a one-line error naming the file (exit code 2)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        OSError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        BadZipFile,
+        UnpicklingError,
+    ) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _usage_error(
+            f"cannot read checkpoint {str(path)!r}: truncated or not a torch.save file ({first})"
+        ) from None
+    except Exception as err:  # e.g. pickle errors of foreign objects under weights_only
+        raise _usage_error(
+            f"cannot read checkpoint {str(path)!r} ({type(err).__name__}); "
+            "is it a last.pt written by this script?"
+        ) from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise _usage_error(
+            f"checkpoint {str(path)!r} is not a last.pt written by this script (no "
+            f"{', '.join(missing)}); pass --resume with one, or omit it"
+        )
+    return ckpt  # type: ignore[no-any-return]
 
 
 def load_checkpoint(
@@ -454,13 +584,18 @@ def load_checkpoint(
     env: Dist,
 ) -> tuple[int, list[dict[str, float]]]:
     """Restore everything ``main`` saved; returns the next epoch and the metrics so far."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt["aux_weight"] != args.aux_weight or ckpt["backbone"] != args.backbone:
-        raise ValueError(
+    ckpt = read_checkpoint(path)
+    if ckpt.get("aux_weight") != args.aux_weight or ckpt.get("backbone") != args.backbone:
+        raise _usage_error(
             f"checkpoint {str(path)!r} was trained with --backbone {ckpt['backbone']} "
             f"--aux-weight {ckpt['aux_weight']}; resume with the same flags"
         )
-    net.load_state_dict(ckpt["model"])
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise _usage_error(
+            f"checkpoint {str(path)!r} does not fit this model: {str(err).splitlines()[0]}"
+        ) from None
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -656,7 +791,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if isinstance(net, DeepSupervision)
             else net.state_dict()
         )
-        torch.save(plain, out / "pspnet_final.pt")
+        save_checkpoint(out / "pspnet_final.pt", plain)
         save_overlays(net, val_set, args.overlays, out / "overlays", args, env.device)
         info = {
             "epochs": args.epochs,

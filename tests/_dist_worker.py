@@ -2,7 +2,9 @@
 
 Run as ``python -m torch.distributed.run --standalone --nproc_per_node 2 _dist_worker.py OUT``.
 Every scenario runs on every rank; a failure in one is recorded and the next still runs. Rank 0
-writes ``{scenario: {"ok": bool, ...measurements}}`` as JSON to ``OUT``.
+writes ``{scenario: {"ok": bool, ...measurements}}`` as JSON to ``OUT``, with
+``"deepsup_files"``: the ``deepsup.__file__`` of each rank (the tests check it is the tree under
+test, not an installed copy).
 
 Each scenario trains the same tiny segmentation net from the same initial weights on different
 data per rank and compares against a local reference: one process that computes every rank's
@@ -170,55 +172,6 @@ def ddp_cutoff() -> dict[str, Any]:
     }
 
 
-def ddp_skipped_loss() -> dict[str, Any]:
-    """Contrast: leaving a zero-weighted aux loss out of the sum breaks DDP's reduction."""
-    from deepsup import schedules
-
-    rank = dist.get_rank()
-    sup = make_sup(schedules.Cutoff(0.4, at=1))
-    ddp = DistributedDataParallel(sup)
-    sup.train()
-    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
-    try:
-        for step in range(STEPS):
-            x, y = batch(step, rank)
-            output, aux = ddp(x, target=y)
-            used = [v for k, v in aux.items() if sup.weights[k] > 0]  # the mistake
-            opt.zero_grad()
-            (F.cross_entropy(output, y) + sum(used)).backward()
-            opt.step()
-            sup.step()
-    except RuntimeError as err:
-        return {"ok": True, "raised": True, "step": step, "error": str(err).splitlines()[0]}
-    return {"ok": True, "raised": False}
-
-
-def ddp_inner_only() -> dict[str, Any]:
-    """Contrast: DDP around the inner model only leaves the heads out of the all-reduce."""
-    from deepsup import DeepSupervision, heads
-
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    sup = DeepSupervision(
-        DistributedDataParallel(Net()),
-        {"module.layer1": 0.4},
-        head=heads.seg(num_classes=CLASSES, dropout=0.0),
-        criterion=nn.CrossEntropyLoss(),
-    )
-    sup.train()
-    opt = torch.optim.SGD(sup.parameters(), lr=LR)
-    for step in range(STEPS):
-        opt.zero_grad()
-        total_loss(sup, *batch(step, rank)).backward()
-        opt.step()
-    across = gather_max_diff(sup.named_parameters())
-    return {
-        "ok": True,
-        "model_max_diff": max(v for n, v in across.items() if n.startswith("model.")),
-        "heads_max_diff": max(v for n, v in across.items() if n.startswith("heads.")),
-    }
-
-
 def fsdp2() -> dict[str, Any]:
     """FSDP2 (fully_shard) on CPU/gloo: blocks and the wrapper sharded, compared with reference."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -269,8 +222,6 @@ def fsdp2() -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "ddp_wrapper": ddp_wrapper,
     "ddp_cutoff": ddp_cutoff,
-    "ddp_skipped_loss": ddp_skipped_loss,
-    "ddp_inner_only": ddp_inner_only,
     "fsdp2": fsdp2,
 }
 
@@ -280,8 +231,13 @@ def main(argv: list[str]) -> int:
     only = argv[2].split(",") if len(argv) > 2 else list(SCENARIOS)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    import deepsup
+
     results: dict[str, Any] = {}
     try:
+        files: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(files, deepsup.__file__)  # which deepsup each rank imported
+        results["deepsup_files"] = files
         for name in only:
             try:
                 results[name] = SCENARIOS[name]()

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
+
+# Hypothesis: deterministic in CI (the same examples on every run, no example database), a wider
+# random search locally. Pick one with HYPOTHESIS_PROFILE=ci|dev; CI=true selects "ci".
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", max_examples=200)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE")
+    or ("ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev")
+)
 
 
 class TinyCNN(nn.Module):
@@ -141,6 +155,30 @@ def reuse_model() -> ReuseModel:
 @pytest.fixture
 def train_only_model() -> TrainOnlyBranch:
     return TrainOnlyBranch()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TREE_DEEPSUP = ROOT / "deepsup" / "__init__.py"
+
+
+def tree_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess that must import this tree's deepsup, not an install."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def assert_imports_tree(env: dict[str, str]) -> None:
+    """A subprocess started with ``env`` imports deepsup from the tree under test."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import deepsup; print(deepsup.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tempfile.gettempdir(),  # not the repository root, which would be on sys.path anyway
+        timeout=120,
+        check=True,
+    )
+    assert Path(done.stdout.strip()).resolve() == TREE_DEEPSUP
 
 
 def bare_copy(model: nn.Module) -> nn.Module:

@@ -231,16 +231,22 @@ def test_schedule_step_does_not_recompile(schedule: schedules.Schedule) -> None:
     assert seen[-1] == 0.0
 
 
-def test_compiled_wrapper_checkpoint_has_no_orig_mod_prefix() -> None:
+def test_model_state_dict_strips_the_orig_mod_prefix_of_a_compiled_wrapper() -> None:
     sup = tiny_sup()
     compiled = torch.compile(sup, backend="eager")
     x, y = seg_batch()
     compiled(x, target=y)
-    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    assert not any("_orig_mod" in k for k in sup.state_dict())
+    state = compiled.state_dict()
+    assert all(k.startswith("_orig_mod.") for k in state)  # what torch.compile saves
+    stripped = deepsup.model_state_dict(state)
+    assert not any("_orig_mod" in k or k.startswith(("model.", "heads.")) for k in stripped)
+    assert list(stripped) == list(sup.model.state_dict())
     plain = TinySeg()
-    plain.load_state_dict(deepsup.model_state_dict(compiled.state_dict()))
-    plain.load_state_dict(deepsup.model_state_dict(sup.state_dict()))
+    plain.load_state_dict(stripped)  # strict: every key of the plain model, no other
+    for k, v in sup.model.state_dict().items():
+        assert torch.equal(plain.state_dict()[k], v), k
+    sup.eval(), plain.eval()
+    assert torch.equal(plain(x), sup(x))
 
 
 def test_in_place_module_compile_keeps_keys_and_caches() -> None:

@@ -21,7 +21,6 @@ NUM_CLASSES = 4
 WEIGHT = 0.4
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=requires_cuda)]
 
 
 def _resnet18() -> nn.Module:
@@ -46,7 +45,8 @@ def _batch(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x.to(device), y.to(device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+# CUDA only: the CPU case is tests/test_wrapper.py::test_eval_is_bit_identical_to_bare_model...
+@pytest.mark.parametrize("device", [pytest.param("cuda", id="cuda", marks=requires_cuda)])
 def test_eval_passthrough_bit_identical(device: str) -> None:
     model = _resnet18()
     bare = copy.deepcopy(model).to(device).eval()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import timm
 import torch
 import torchvision
-from conftest import ReuseModel, TinyCNN
+from conftest import ReuseModel, TinyCNN, tree_env
 
 from deepsup import format_taps, list_taps
 from deepsup.__main__ import build_model, main
@@ -47,9 +48,19 @@ def test_modules_that_do_not_run_show_zero_calls(train_only_model: torch.nn.Modu
     assert infos["extra"].calls == 0  # list_taps runs in eval mode
 
 
-def test_format_taps_marks_suggestions(tiny_cnn: TinyCNN) -> None:
-    text = format_taps(list_taps(tiny_cnn, torch.randn(1, 3, 8, 8)))
-    assert "stage1" in text and "(1, 16, 4, 4)" in text
+def test_format_taps_marks_suggestions() -> None:
+    resnet = torchvision.models.resnet18()
+    infos = list_taps(resnet, torch.randn(1, 3, 32, 32))
+    lines = format_taps(infos).splitlines()
+    assert lines[0].split() == ["name", "type", "output", "shape", "calls"]
+    rows = {line.split()[1 if line.startswith("*") else 0]: line for line in lines[1:]}
+    assert len(rows) == len(infos)
+    for info in infos:
+        assert rows[info.name].startswith("*") == info.suggested, info.name
+    assert re.match(r"^\*\s+layer3\s+Sequential\s+Tensor\s+\(1, 256, 2, 2\)\s+1$", rows["layer3"])
+    assert re.match(
+        r"^\s+layer3\.0\.conv1\s+Conv2d\s+Tensor\s+\(1, 256, 2, 2\)\s+1$", rows["layer3.0.conv1"]
+    )
 
 
 def test_cli_lists_a_torchvision_model(capsys: pytest.CaptureFixture[str]) -> None:
@@ -74,6 +85,8 @@ def test_cli_as_a_module() -> None:
         text=True,
         timeout=120,
         check=False,
+        env=tree_env(),
+        cwd=tempfile.gettempdir(),  # imports deepsup through tree_env's PYTHONPATH only
     )
     assert result.returncode == 0, result.stderr
     assert "features.6" in result.stdout

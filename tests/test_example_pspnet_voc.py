@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_imports_tree, tree_env
 from PIL import Image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -276,7 +276,8 @@ def test_torchrun_two_cpu_processes(cache_dir: Path, tmp_path: Path) -> None:
         str(EXAMPLES / "pspnet_voc.py"), "--out", str(out), "--cache-dir", str(cache_dir),
         *TINY, "--batch-size", "4", "--epochs", "2",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = tree_env(OMP_NUM_THREADS="1")
+    assert_imports_tree(env)  # the ranks run this tree's deepsup, not an installed one
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "world_size=2" in done.stdout

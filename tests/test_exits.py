@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from deepsup import DeepSupervision, EarlyExit, EarlyExitError, Tap, heads
+from deepsup import DeepSupervision, EarlyExit, EarlyExitError, Tap, UsageError, heads
 from deepsup.exits import ExitCosts, _simulate, confidence, search_thresholds, top1
 
 
@@ -329,6 +329,47 @@ def test_bad_confidences() -> None:
     _, _, early = make(confidence=lambda p: p.max(1).values[:1])
     with pytest.raises(EarlyExitError, match=r"one value per sample, shape \(2,\)"):
         early(torch.randn(2, 3, 16, 16))
+
+
+def test_user_errors_in_exit_heads_and_confidences_keep_their_type_with_a_note() -> None:
+    class BoomError(Exception):
+        pass
+
+    def conf(pred: torch.Tensor) -> torch.Tensor:
+        raise BoomError("conf")
+
+    _, _, early = make(confidence=conf)
+    with pytest.raises(BoomError, match="conf") as info:
+        early(torch.randn(2, 3, 16, 16))
+    assert any("confidence of exit 'stem'" in n for n in getattr(info.value, "__notes__", []))
+
+    def boom(module: nn.Module, args: Any) -> None:
+        raise BoomError("h")
+
+    _, sup, early = make({"stage1": 0.9})
+    sup.heads["stage1"].register_forward_pre_hook(boom)
+    with pytest.raises(BoomError, match="h") as info:
+        early(torch.randn(2, 3, 16, 16))
+    assert any("head of tap 'stage1'" in n for n in getattr(info.value, "__notes__", []))
+
+
+def test_exits_refuse_an_unwrapped_wrapper_and_inference_mode_training() -> None:
+    _, sup, _ = make(threshold=math.inf)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.inference_mode():  # inference tensors have no version counter for the taps
+        with pytest.raises(UsageError, match=r"exits\(\) under torch\.inference_mode"):
+            sup.eval().exits(x)
+        with pytest.raises(UsageError, match=r"a training forward under torch\.inference_mode"):
+            sup.train().exits(x)
+    assert set(sup.eval().exits(x)) == {*TAPS, "output"}  # the wrapper is still usable
+    _, _, early = make(0.0)  # EarlyExit itself runs under inference_mode
+    with torch.inference_mode():
+        pred, name = early(x)
+    assert name == "stem"
+    torch.testing.assert_close(pred, early(x)[0], rtol=0, atol=0)
+    sup.unwrap()
+    with pytest.raises(UsageError, match="unwrapped"):
+        sup.eval().exits(torch.randn(1, 3, 16, 16))
 
 
 # confidence -------------------------------------------------------------------------------

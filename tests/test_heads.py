@@ -37,7 +37,13 @@ def test_seg_head_nhwc_equals_nchw() -> None:
 )
 def test_classification_head_pools_any_layout(shape: tuple[int, ...], layout: str) -> None:
     head = heads.classification(5, layout=layout)(16)  # type: ignore[arg-type]
-    assert head(torch.randn(*shape)).shape == (2, 5)
+    x = torch.randn(*shape)
+    out = head(x)
+    assert out.shape == (2, 5)
+    # global *average* pooling over every spatial dim, then the linear layer
+    channels_last = x if layout == "NHWC" else x.movedim(1, -1)
+    pooled = channels_last.reshape(2, -1, 16).mean(1)
+    torch.testing.assert_close(out, pooled @ head.fc.weight.T + head.fc.bias)
 
 
 def test_token_head_pooling() -> None:

@@ -200,3 +200,31 @@ def test_teachers_that_cannot_work_are_named() -> None:
         teacher_for("logits", torch.zeros(2, 3), tap="mid")
     with pytest.raises(TargetError, match="does not fit the prediction"):
         teacher_for(torch.zeros(2, 5, 4, 4), torch.zeros(2, 3, 4, 4), tap="mid")
+
+
+def test_a_channels_last_teacher_is_resized_in_the_predictions_layout() -> None:
+    teacher = torch.randn(2, 8, 6, 3)  # (B, H, W, C), larger than the prediction
+    got = teacher_for(teacher, torch.zeros(2, 4, 3, 3), layout="NHWC", tap="mid")
+    want = downsample_target(teacher.movedim(-1, 1), (4, 3)).movedim(1, -1)
+    assert torch.equal(got, want)
+    small = torch.randn(1, 2, 2, 5)  # smaller: interpolated over the spatial dims only
+    got = teacher_for(small, torch.zeros(1, 4, 4, 5), layout="NHWC", align_corners=True)
+    want = F.interpolate(small.movedim(-1, 1), size=(4, 4), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(got, want.movedim(1, -1))
+    with pytest.raises(TargetError, match="layout 'NHWC'"):
+        teacher_for(torch.zeros(2, 4, 4, 6), torch.zeros(2, 4, 4, 5), layout="NHWC", tap="mid")
+
+
+def test_a_teacher_criterions_own_error_is_reraised_with_the_tap_named() -> None:
+    class BoomError(Exception):
+        pass
+
+    def crit(prediction: Any, target: Any, *, teacher: torch.Tensor) -> torch.Tensor:
+        raise BoomError("mine")
+
+    crit.wants_teacher = True  # type: ignore[attr-defined]
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    sup = DeepSupervision(model, {"0": 0.5}, head=heads.classification(3), criterion=crit)
+    with pytest.raises(BoomError, match="mine") as info:
+        sup(torch.randn(2, 4), target=torch.tensor([0, 1]))
+    assert any("criterion of tap '0'" in n for n in getattr(info.value, "__notes__", []))

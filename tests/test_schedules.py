@@ -38,7 +38,7 @@ def test_values_at_chosen_points(schedule: schedules.Schedule, points: dict[int,
         (lambda: schedules.Constant(-1), r"value must be a finite number >= 0 \(got -1\.0\)"),
         (lambda: schedules.LinearDecay(1.0, total=0), r"total must be a positive int .*\(got 0\)"),
         (lambda: schedules.CosineDecay(float("nan"), 3), r"start must be a finite number"),
-        (lambda: schedules.Cutoff(0.4, at=-1), r"at must be an int step >= 0 \(got -1\)"),
+        (lambda: schedules.Cutoff(0.4, at=-1), r"at must be an int >= 0 \(got -1\)"),
     ],
     ids=["negative", "zero-total", "nan", "negative-at"],
 )
@@ -50,6 +50,8 @@ def test_invalid_schedules(build: object, message: str) -> None:
 def test_schedule_equality_and_repr() -> None:
     assert schedules.Cutoff(0.4, at=3) == schedules.Cutoff(0.4, at=3)
     assert schedules.Cutoff(0.4, at=3) != schedules.Cutoff(0.4, at=4)
+    assert schedules.LinearDecay(0.4, 10) != schedules.CosineDecay(0.4, 10)  # same fields
+    assert len({schedules.LinearDecay(0.4, 10), schedules.LinearDecay(0.4, 10)}) == 1
     assert repr(schedules.LinearDecay(0.4, 10)) == "LinearDecay(start=0.4, total=10, end=0.0)"
 
 
@@ -83,10 +85,21 @@ def test_resumed_wrapper_continues_with_the_right_weight() -> None:
     resumed.load_state_dict(state)
     assert resumed.progress == 7
     assert resumed.weights == pytest.approx({"fc1": 0.3, "fc2": 0.0})
+    # right after loading, before any step(): the losses carry the restored weights
+    x, y = torch.randn(3, 6), torch.tensor([0, 1, 2])
+    _, aux = resumed(x, target=y)
+    torch.testing.assert_close(aux["fc1"], 0.3 * aux.raw["fc1"])
+    assert aux.raw["fc2"] > 0 and aux["fc2"] == 0  # Cutoff(0.5, at=4) is off at 7
     resumed.step()
     assert resumed.weights["fc1"] == pytest.approx(0.2)
-    _, aux = resumed(torch.randn(3, 6), target=torch.tensor([0, 1, 2]))
+    _, aux = resumed(x, target=y)
     torch.testing.assert_close(aux["fc1"], 0.2 * aux.raw["fc1"])
+
+
+@pytest.mark.parametrize("weight", [True, "0.4", None], ids=["bool", "str", "none"])
+def test_a_weight_must_be_a_number_or_a_schedule(weight: object) -> None:
+    with pytest.raises(TypeError, match=r"weight must be a float or a deepsup\.schedules\."):
+        schedules.as_schedule(weight)  # type: ignore[arg-type]
 
 
 def test_progress_setter_validates() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
+import re
 import threading
 
 import pytest
@@ -14,7 +16,8 @@ import torchvision
 from conftest import TinyCNN, bare_copy
 from torch import nn
 
-from deepsup import AuxLosses, DeepSupervision, Tap, heads, schedules
+from deepsup import AuxLosses, DeepSupervision, Tap, TapNotFoundError, heads, schedules
+from deepsup._taps import resolve_taps
 
 
 def _count_head_calls(sup: DeepSupervision) -> list[int]:
@@ -62,21 +65,63 @@ def test_eval_is_bit_identical_to_bare_model_and_runs_no_head(name: str, with_ta
     assert sup._capture.records() is None
 
 
-def test_eval_returns_the_models_own_object_types(tuple_model: nn.Module) -> None:
-    class DictOut(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(3, 3)
+class DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
 
-        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"out": self.fc(x), "aux": x}
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.fc(x), "aux": x}
 
-    model = DictOut()
+
+class TupleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h = self.fc(x)
+        return h, [h.relu(), x]
+
+
+@pytest.mark.parametrize("build", [DictOut, TupleOut], ids=["dict", "tuple-with-list"])
+def test_eval_returns_the_models_own_object_types(build: type[nn.Module]) -> None:
+    model = build()
+    bare = bare_copy(model)
     sup = DeepSupervision(model, "fc", head=heads.classification(2)).eval()
     x = torch.randn(2, 3)
+    out, ref = sup(x), bare(x)  # the reference is an unhooked copy, not the wrapped model
+    _assert_same_objects(out, ref)
+
+
+def _assert_same_objects(out: object, ref: object) -> None:
+    """The same container types, keys and nesting, and bit-identical tensors."""
+    assert type(out) is type(ref)
+    if isinstance(ref, dict):
+        assert isinstance(out, dict) and list(out) == list(ref)
+        for k in ref:
+            _assert_same_objects(out[k], ref[k])
+    elif isinstance(ref, (tuple, list)):
+        assert isinstance(out, (tuple, list)) and len(out) == len(ref)
+        for a, b in zip(out, ref):
+            _assert_same_objects(a, b)
+    else:
+        assert isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor)
+        assert torch.equal(out, ref)
+
+
+def test_eval_output_keeps_autograd_and_gradients_equal_a_bare_copy(tiny_cnn: TinyCNN) -> None:
+    bare = bare_copy(tiny_cnn).eval()
+    sup = DeepSupervision(tiny_cnn, "stage1", head=heads.seg(3), clone=True).eval()
+    x = torch.randn(2, 3, 16, 16)
     out = sup(x)
-    assert isinstance(out, dict)
-    assert torch.equal(out["out"], model(x)["out"])
+    assert out.requires_grad and out.grad_fn is not None  # eval is not run under no_grad
+    out.square().mean().backward()
+    bare(x).square().mean().backward()
+    for (n, p), (_, q) in zip(tiny_cnn.named_parameters(), bare.named_parameters(), strict=True):
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
+    assert all(p.grad is None for p in sup.heads.parameters())  # no head ran
 
 
 # training forward: losses and gradients --------------------------------------------------------
@@ -164,11 +209,63 @@ def test_gradients_equal_a_hand_written_aux_branch() -> None:
 
 
 def test_criterion_none_returns_predictions(tiny_cnn: TinyCNN) -> None:
-    sup = DeepSupervision(tiny_cnn, ["stage1", "stage2"], head=heads.seg(5), clone=True)
+    sup = DeepSupervision(
+        tiny_cnn, ["stage1", "stage2"], head=heads.seg(5, dropout=0.0), clone=True
+    )
+    feats: dict[str, torch.Tensor] = {}
+    for name in ("stage1", "stage2"):
+        tiny_cnn.get_submodule(name).register_forward_hook(
+            lambda m, a, o, name=name: feats.__setitem__(name, o.clone())
+        )
     out, preds = sup(torch.randn(2, 3, 16, 16))
-    assert preds["stage1"].shape == (2, 5, 8, 8)
+    assert list(preds) == ["stage1", "stage2"]
+    assert preds["stage1"].shape == (2, 5, 8, 8)  # at the feature's size: no resize, no loss
     assert preds["stage2"].shape == (2, 5, 4, 4)
-    assert sup.weights == {"stage1": 0.4, "stage2": 0.4}
+    for name in preds:
+        # the heads' BN runs in training mode on the same batch, so a replay matches
+        torch.testing.assert_close(preds[name], sup.heads[name](feats[name]))
+        assert preds[name].grad_fn is not None  # predictions keep their graph
+    assert sup.weights == {"stage1": 0.4, "stage2": 0.4}  # a bare name gets weight 0.4
+
+
+def test_tap_resize_overrides_the_wrappers(tiny_cnn: TinyCNN) -> None:
+    """A per-tap ``Tap(resize=...)`` wins over the wrapper's ``resize=``, in both directions."""
+    ce = nn.CrossEntropyLoss(ignore_index=255)
+    sup = DeepSupervision(
+        tiny_cnn,
+        {"stage1": Tap(1.0, resize="target"), "stage2": Tap(1.0, resize="prediction")},
+        head=heads.seg(3, dropout=0.0),
+        criterion=ce,
+        resize=None,  # would refuse both taps' 16x16 target
+        clone=True,
+    )
+    feats: dict[str, torch.Tensor] = {}
+    for name in ("stage1", "stage2"):
+        tiny_cnn.get_submodule(name).register_forward_hook(
+            lambda m, a, o, name=name: feats.__setitem__(name, o.clone())
+        )
+    y = torch.randint(0, 3, (2, 16, 16))
+    y[:, 1::4] = 255
+    _, aux = sup(torch.randn(2, 3, 16, 16), target=y)
+    pred1 = sup.heads["stage1"](feats["stage1"])  # 8x8: the target is downsampled by 2
+    torch.testing.assert_close(aux.raw["stage1"], ce(pred1, y[:, ::2, ::2]))
+    pred2 = sup.heads["stage2"](feats["stage2"])  # 4x4: the prediction is upsampled to 16x16
+    up = F.interpolate(pred2, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(aux.raw["stage2"], ce(up, y))
+
+
+def test_raw_losses_are_detached_and_weighted_losses_are_not(mlp: nn.Module) -> None:
+    sup = DeepSupervision(
+        mlp,
+        {"fc1": 0.5, "fc2": 0.25},
+        head=heads.classification(4),
+        criterion=nn.CrossEntropyLoss(),
+    )
+    _, aux = sup(torch.randn(3, 6), target=torch.tensor([0, 1, 2]))
+    for name, weight in (("fc1", 0.5), ("fc2", 0.25)):
+        assert not aux.raw[name].requires_grad and aux.raw[name].grad_fn is None, name
+        assert aux[name].requires_grad, name
+        torch.testing.assert_close(aux[name], weight * aux.raw[name])
 
 
 def test_target_dict_gives_one_target_per_tap(tiny_cnn: TinyCNN) -> None:
@@ -214,6 +311,45 @@ def test_glob_taps_match_direct_children_only() -> None:
     assert list(sup.taps) == ["0.0", "1.0"]
     deep = DeepSupervision(bare_copy(model), {"**": 0.1}, head=nn.Identity())
     assert len(deep.taps) == 7
+
+
+def test_taps_follow_the_models_module_order(tiny_cnn: TinyCNN) -> None:
+    sup = DeepSupervision(
+        tiny_cnn,
+        {"stage2": 0.1, "stem": 0.2, "stage1.*": 0.3},
+        head=heads.seg(3),
+        criterion=nn.CrossEntropyLoss(),
+        clone=True,
+    )
+    order = ["stem", "stage1.0", "stage1.1", "stage2"]
+    assert list(sup.taps) == list(sup.heads) == order
+    assert sup.weights == {"stem": 0.2, "stage1.0": 0.3, "stage1.1": 0.3, "stage2": 0.1}
+    _, aux = sup(torch.randn(2, 3, 16, 16), target=torch.randint(0, 3, (2, 16, 16)))
+    assert list(aux) == order
+    for name, weight in sup.weights.items():
+        torch.testing.assert_close(aux[name], weight * aux.raw[name])
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("*.0", ["0.0"]),  # * stays within one name component, and matches the whole name
+        ("0.*", ["0.0", "0.1"]),
+        ("**.1", ["0.0.1", "0.1"]),  # ** crosses dots
+        ("0.?", ["0.0", "0.1"]),
+        ("0?0", []),  # ? is one character of a component, never a dot
+        ("0.[1]", ["0.1"]),
+    ],
+)
+def test_glob_rules_on_a_deeper_model(pattern: str, expected: list[str]) -> None:
+    model = nn.Sequential(
+        nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 4)), nn.Linear(4, 2)
+    )
+    if not expected:
+        with pytest.raises(TapNotFoundError, match=re.escape(f"pattern {pattern!r} matches no")):
+            resolve_taps(model, {pattern: 0.1})
+    else:
+        assert list(resolve_taps(model, {pattern: 0.1})) == expected
 
 
 def test_weight_zero_still_runs_the_head_and_gives_zero(mlp: nn.Module) -> None:
@@ -271,6 +407,87 @@ def test_tuple_output_default_and_select(tuple_model: nn.Module) -> None:
     torch.testing.assert_close(preds2["block"], h.softmax(-1))
 
 
+@dataclasses.dataclass
+class _Out:
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+class _Multi(nn.Module):
+    """Returns the same two tensors (h, 2h) packed as ``kind``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> object:
+        h = self.fc(x)
+        pair = (h, 2 * h)
+        if self.kind == "list":
+            return list(pair)
+        if self.kind == "dict":
+            return {"first": pair[0], "second": pair[1]}
+        if self.kind == "dataclass":
+            return _Out(*pair)
+        return pair
+
+
+@pytest.mark.parametrize(
+    ("kind", "select", "factor"),
+    [
+        ("tuple", None, 1),
+        ("tuple", -1, 2),
+        ("list", None, 1),
+        ("list", 1, 2),
+        ("dict", None, 1),
+        ("dict", "second", 2),
+        ("dataclass", None, 1),
+        ("dataclass", "second", 2),
+        ("tuple", lambda out: out[1], 2),
+    ],
+    ids=["tuple", "tuple-neg", "list", "list-1", "dict", "dict-key", "dc", "dc-attr", "callable"],
+)
+def test_select_picks_the_tensor_of_any_output(kind: str, select: object, factor: int) -> None:
+    model = nn.Sequential(_Multi(kind))
+    outer = nn.Sequential(model, nn.Identity())
+    sup = DeepSupervision(outer, {"0.0": Tap(select=select)}, head=nn.Identity())  # type: ignore[arg-type]
+    x = torch.randn(2, 4)
+    _, preds = sup(x)
+    torch.testing.assert_close(preds["0.0"], factor * model[0].fc(x))
+
+
+def test_token_channels_come_from_the_last_dim_in_the_dry_run(tuple_model: nn.Module) -> None:
+    x = torch.randn(2, 7, 5)  # 7 tokens of width 5 -> (2, 7, 8) after embed, a tuple from block
+    sup = DeepSupervision(
+        tuple_model,
+        "block",
+        head=heads.tokens(3),
+        criterion=nn.CrossEntropyLoss(),
+        example_input=x,
+    )
+    assert sup.heads["block"].fc.in_features == 8  # C of (B, N, C), not N
+    _, aux = sup(x, target=torch.tensor([0, 2]))
+    assert aux.raw["block"] > 0
+
+
+def test_the_dry_run_builds_no_graph_and_keeps_gradients_clean() -> None:
+    seen: list[bool] = []
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.is_grad_enabled())
+            return self.fc(x)
+
+    model = nn.Sequential(Probe(), nn.Linear(5, 2))
+    DeepSupervision(model, "0", head=heads.classification(2), example_input=torch.randn(1, 3))
+    assert seen == [False]  # the dry run ran once, without autograd
+
+
 def test_clone_true_gives_the_pre_inplace_features() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
     seen: list[torch.Tensor] = []
@@ -315,6 +532,75 @@ def test_example_input_infers_channels_by_dry_run_and_keeps_modes() -> None:
     assert sup.heads["2"].conv.in_channels == 10
     assert model.training and not model[1].training
     assert torch.equal(model[1].running_mean, stats)
+
+
+class _CatBlock(nn.Module):
+    """Its last conv has 4 output channels, its output 8: the last-layer guess is wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.cat([y, y.relu()], dim=1)
+
+
+class _FeatureInfoNet(nn.Module):
+    """timm-style ``feature_info`` that names the tapped block, at the root or on ``backbone``."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(_CatBlock(), nn.Conv2d(8, 3, 1))
+        entries = {
+            "root": [{"module": "backbone.0", "num_chs": 8, "reduction": 1}],
+            "root-underscore": [{"module": "backbone_0", "num_chs": 8, "reduction": 1}],
+            "submodule": [{"module": "0", "num_chs": 8, "reduction": 1}],
+        }[where]
+        if where == "submodule":
+            self.backbone.feature_info = entries  # type: ignore[assignment]
+        else:
+            self.feature_info = entries
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.backbone(x)
+        return out
+
+
+@pytest.mark.parametrize("where", ["root", "root-underscore", "submodule"])
+def test_channels_come_from_feature_info_before_the_last_layer(where: str) -> None:
+    model = _FeatureInfoNet(where)
+    sup = DeepSupervision(
+        model, "backbone.0", head=heads.seg(3, dropout=0.0), criterion=nn.CrossEntropyLoss()
+    )
+    assert sup.heads["backbone.0"].conv.in_channels == 8  # feature_info's 8, not the conv's 4
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    _, aux = sup(x, target=y)
+    feat = model.backbone[0](x)
+    torch.testing.assert_close(
+        aux.raw["backbone.0"], F.cross_entropy(sup.heads["backbone.0"](feat), y)
+    )
+
+
+def test_channels_from_the_last_layer_of_the_tapped_module() -> None:
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 6, 1), nn.GroupNorm(2, 6), nn.Conv2d(6, 5, 1), nn.ReLU()),
+        nn.Conv2d(5, 2, 1),
+    )
+    sup = DeepSupervision(model, "0", head=heads.seg(2))
+    assert sup.heads["0"].conv.in_channels == 5  # the last conv, not the first (6)
+    gn = nn.Sequential(nn.Sequential(nn.Conv2d(3, 6, 1), nn.GroupNorm(2, 6)), nn.Conv2d(6, 2, 1))
+    assert DeepSupervision(gn, "0", head=heads.seg(2)).heads["0"].conv.in_channels == 6
+
+
+def test_a_shared_ready_head_is_copied_per_tap(mlp: nn.Module) -> None:
+    head = nn.Linear(12, 4)
+    sup = DeepSupervision(mlp, {"fc1": 1.0, "act": 1.0}, head=head, criterion=nn.CrossEntropyLoss())
+    a, b = sup.heads["fc1"], sup.heads["act"]
+    assert a is not b and a is not head and b is not head
+    assert torch.equal(a.weight, head.weight) and a.weight is not head.weight
+    single = DeepSupervision(bare_copy(mlp), {"fc1": 1.0}, head=head)
+    assert single.heads["fc1"] is head  # one tap: the module itself
 
 
 # unwrap, state, copies -----------------------------------------------------------------------
@@ -396,13 +682,29 @@ def test_torch_save_of_the_module_round_trips(tiny_cnn: TinyCNN) -> None:
 
 
 def test_ema_averaged_model_copies_cleanly(tiny_cnn: TinyCNN) -> None:
-    sup = DeepSupervision(tiny_cnn, "stage2", head=heads.seg(3), criterion=nn.CrossEntropyLoss())
+    sup = DeepSupervision(
+        tiny_cnn, "stage2", head=heads.seg(3, dropout=0.0), criterion=nn.CrossEntropyLoss()
+    )
     x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2, 16, 16))
-    _, aux = sup(x, target=y)
     ema = torch.optim.swa_utils.AveragedModel(sup)
     ema.update_parameters(sup)
-    _, aux2 = ema(x, target=y)
-    assert torch.isfinite(aux2["stage2"])
+    copy_ = ema.module
+    hook = next(iter(copy_.model.stage2._forward_hooks.values()))
+    assert hook.capture is copy_._capture and hook.capture is not sup._capture
+    _, aux = sup(x, target=y)
+    _, aux_ema = ema(x, target=y)  # the same weights and batch: the same losses
+    torch.testing.assert_close(aux_ema["stage2"], aux["stage2"])
+    torch.testing.assert_close(aux_ema.raw["stage2"], aux.raw["stage2"])
+    # the heads are averaged with the model: after a change of +1, an average of 2 moves +0.5
+    before = [p.detach().clone() for p in copy_.heads.parameters()]
+    with torch.no_grad():
+        for p in sup.heads.parameters():
+            p.add_(1.0)
+    ema.update_parameters(sup)
+    for p, b in zip(copy_.heads.parameters(), before, strict=True):
+        torch.testing.assert_close(p, b + 0.5)
+    ema.eval(), sup.eval()
+    assert torch.equal(ema(x), copy_.model(x))
 
 
 # threads and exceptions ----------------------------------------------------------------------

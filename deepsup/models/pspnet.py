@@ -27,9 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepsup._errors import DeepSupError
+from deepsup._errors import (
+    ConfigError,
+    ConfigTypeError,
+    DeepSupError,
+    MissingDependencyError,
+    check_int,
+)
 
-__all__ = ["PPM", "DilatedResNet", "PSPNet", "WeightsError"]
+__all__ = ["PPM", "DilatedResNet", "PSPNet", "WeightsError", "WeightsNotFoundError"]
 
 _RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _TIMM_PREFIX = "timm:"
@@ -37,6 +43,10 @@ _TIMM_PREFIX = "timm:"
 
 class WeightsError(DeepSupError, ValueError):
     """A weights file could not be read, or does not fit the backbone."""
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """The weights file does not exist."""
 
 
 class PPM(nn.Module):
@@ -78,15 +88,15 @@ class PPM(nn.Module):
         align_corners: bool = True,
     ) -> None:
         super().__init__()
-        _check_positive_int("in_channels", in_channels)
+        check_int("in_channels", in_channels)
         bins = tuple(bins)
         if not bins:
-            raise ValueError(f"bins must be a non-empty sequence of positive ints (got {bins!r})")
+            raise ConfigError(f"bins must be a non-empty sequence of positive ints (got {bins!r})")
         for b in bins:
-            _check_positive_int("each bin", b)
+            check_int("each bin", b)
         if reduction_channels is None:
             reduction_channels = max(in_channels // len(bins), 1)
-        _check_positive_int("reduction_channels", reduction_channels)
+        check_int("reduction_channels", reduction_channels)
         self.bins = bins
         self.align_corners = bool(align_corners)
         self.out_channels = in_channels + len(bins) * reduction_channels
@@ -149,14 +159,14 @@ class DilatedResNet(nn.Module):
     def __init__(self, arch: str = "resnet50") -> None:
         super().__init__()
         if arch not in _RESNETS:
-            raise ValueError(
+            raise ConfigError(
                 f"arch must be one of {', '.join(map(repr, _RESNETS))} (got {arch!r}); "
                 "use PSPNet(backbone='timm:NAME') for other backbones"
             )
         try:
             import torchvision.models as tvm
         except ImportError as e:  # pragma: no cover - torchvision is a test dependency
-            raise ImportError(
+            raise MissingDependencyError(
                 "the ResNet backbones of deepsup.models need torchvision: "
                 "pip install 'deepsup[vision]'"
             ) from e
@@ -277,11 +287,11 @@ class PSPNet(nn.Module):
         weights: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int("num_classes", num_classes)
+        check_int("num_classes", num_classes)
         if not isinstance(backbone, str):
-            raise TypeError(f"backbone must be str (got {backbone!r})")
+            raise ConfigTypeError(f"backbone must be str (got {backbone!r})")
         if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be a probability in [0, 1] (got {dropout!r})")
+            raise ConfigError(f"dropout must be a probability in [0, 1] (got {dropout!r})")
         self.num_classes = num_classes
         self.backbone_name = backbone
         self.align_corners = bool(align_corners)
@@ -325,16 +335,11 @@ class PSPNet(nn.Module):
         )
 
 
-def _check_positive_int(what: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} must be a positive int (got {value!r})")
-
-
 def _read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a ``state_dict`` file safely, with errors that name the path."""
     shown = os.fspath(path)
     if not os.path.isfile(shown):
-        raise FileNotFoundError(f"weights file {shown!r} does not exist")
+        raise WeightsNotFoundError(f"weights file {shown!r} does not exist")
     try:
         obj = torch.load(shown, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -394,13 +399,13 @@ def _build_timm(
     try:
         import timm
     except ImportError as e:  # pragma: no cover - timm is a test dependency
-        raise ImportError(
+        raise MissingDependencyError(
             f"backbone 'timm:{name}' needs timm: pip install 'deepsup[vision]'"
         ) from e
     if not name or not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3) if name else []
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(
+        raise ConfigError(
             f"backbone 'timm:{name}' names no timm model; expected 'timm:NAME' with NAME in "
             f"timm.list_models().{hint}"
         )
@@ -413,7 +418,7 @@ def _build_timm(
     try:
         model: Any = timm.create_model(name, **kwargs)
     except Exception as e:
-        raise ValueError(
+        raise ConfigError(
             f"backbone 'timm:{name}' could not be built with features_only=True and "
             f"output_stride=8 ({type(e).__name__}: {e}); pick a CNN that supports both"
         ) from e
@@ -456,7 +461,7 @@ def _build_timm(
             tap = "backbone." + candidate
             break
     else:  # pragma: no cover - depends on timm's feature wrappers
-        raise ValueError(
+        raise ConfigError(
             f"backbone 'timm:{name}': the feature module {module_name!r} is not a submodule of "
             "the features model; use deepsup.list_taps(model) to pick a tap"
         )
