@@ -12,6 +12,7 @@ Example:
     ['0']
 """
 
+from . import diagnostics as diagnostics
 from . import exits as exits
 from . import heads as heads
 from . import losses as losses
@@ -66,6 +67,7 @@ __all__ = [
     "TargetError",
     "UsageError",
     "__version__",
+    "diagnostics",
     "exits",
     "format_taps",
     "heads",

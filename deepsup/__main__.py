@@ -1,5 +1,8 @@
 """``python -m deepsup list MODEL``: print the tappable modules of a model.
 
+``python -m deepsup diagnose MODEL --input SHAPE --classes N``: the gradient flow with aux heads
+and the suggested taps (see ``deepsup/_diagnose_cli.py``).
+
 MODEL is ``timm:NAME``, ``torchvision:NAME`` or ``package.module:callable`` (called with no
 arguments). No weights are downloaded: models are built with random weights.
 """
@@ -15,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ._diagnose_cli import add_parser as add_diagnose_parser
+from ._diagnose_cli import run as run_diagnose
 from ._discovery import format_taps, list_taps
 from ._errors import ConfigError, ConfigTypeError
 
@@ -70,7 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="an input shape such as 1,3,224,224: run once to show output shapes and calls",
     )
     ls.add_argument("--suggested", action="store_true", help="only the suggested stage boundaries")
+    add_diagnose_parser(sub, _shape)
     args = parser.parse_args(argv)
+    if args.command == "diagnose":
+        return run_diagnose(args)
     try:
         model = build_model(args.model)
     except Exception as err:  # a bad spec: one line, exit 2, no traceback

@@ -11,6 +11,10 @@ layout to a cache folder and trains a configuration sized for a laptop CPU (a fe
 
     python examples/pspnet_voc.py
 
+``--synthetic hard`` writes a harder set instead (confusable classes, small objects, clutter),
+on which ablations have room to differ; ``examples/aux_weight_sweep.py`` runs this script over
+aux weights and seeds (see docs/evidence.md).
+
 The reference recipe on real VOC 2012 + SBD (10,582 training images), 8 GPUs::
 
     torchrun --nproc_per_node 8 examples/pspnet_voc.py --data-root /data/voc \\
@@ -50,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 from voc_data import (  # the helper module next to this file
+    DIFFICULTIES,
     IGNORE_INDEX,
     NUM_CLASSES,
     VOC_CLASSES,
@@ -109,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache-dir",
         default=os.path.join(_cache_home(), "deepsup", "voc-synthetic"),
         help="where the synthetic data set is written",
+    )
+    data.add_argument(
+        "--synthetic",
+        choices=DIFFICULTIES,
+        default="easy",
+        help="synthetic set: 'hard' has confusable classes, small objects and clutter",
     )
     data.add_argument(
         "--synthetic-train", type=_positive, default=400, help="synthetic training images"
@@ -283,19 +294,31 @@ class Dist:
 # --------------------------------------------------------------------------- data
 
 
+def prepare_synthetic(args: argparse.Namespace, *, write: bool = True) -> Path:
+    """The synthetic set's folder in ``--cache-dir`` (one per size, seed and difficulty).
+
+    With ``write`` it is generated unless already there; run that in one process only (a
+    sweep does it before starting its runs), since a rewrite replaces the folder.
+    """
+    name = f"n{args.synthetic_train}-{args.synthetic_val}-seed{args.seed}"
+    if args.synthetic != "easy":
+        name += f"-{args.synthetic}"
+    root = Path(args.cache_dir) / name
+    if write:
+        generate_synthetic_voc(
+            root,
+            num_train=args.synthetic_train,
+            num_val=args.synthetic_val,
+            seed=args.seed,
+            difficulty=args.synthetic,
+        )
+    return root
+
+
 def build_datasets(args: argparse.Namespace, env: Dist) -> tuple[VOCSegDataset, VOCSegDataset]:
     data_root = args.data_root
     if data_root is None:
-        data_root = (
-            Path(args.cache_dir) / f"n{args.synthetic_train}-{args.synthetic_val}-seed{args.seed}"
-        )
-        if env.main:
-            generate_synthetic_voc(
-                data_root,
-                num_train=args.synthetic_train,
-                num_val=args.synthetic_val,
-                seed=args.seed,
-            )
+        data_root = prepare_synthetic(args, write=env.main)
         env.barrier()
     if args.train_list:
         images, labels = read_list_file(args.train_list, data_root)

@@ -352,21 +352,67 @@ def _draw_shape(
         draw.rectangle(box, **kw)
 
 
-def _synthetic_sample(
-    rng: np.random.Generator, size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    h = int(rng.integers(size[0], size[1] + 1))
-    w = int(rng.integers(size[0], size[1] + 1))
-    # background: a coarse random grey-ish grid, smoothly upsampled
-    grid = rng.uniform(70, 170, (4, 4, 1)) + rng.uniform(-20, 20, (4, 4, 3))
+# The "hard" preset: eight classes in confusable pairs (the same colour and shape, told apart only
+# by texture: aeroplane/bicycle, bus/car, cat/dog, person/sheep), small objects, a textured
+# background with unlabelled clutter in the object colours, and uneven lighting. A network has to
+# use texture and context rather than colour, which a few CPU epochs learn only in part.
+HARD_CLASSES = {
+    1: ((60, 120, 235), "triangle", "solid"),  # aeroplane
+    2: ((60, 120, 235), "triangle", "stripes"),  # bicycle
+    6: ((245, 205, 30), "rectangle", "stripes"),  # bus
+    7: ((245, 205, 30), "rectangle", "checker"),  # car
+    8: ((235, 110, 35), "ellipse", "spots"),  # cat
+    12: ((235, 110, 35), "ellipse", "stripes"),  # dog
+    15: ((215, 50, 150), "tall", "checker"),  # person
+    17: ((215, 50, 150), "tall", "spots"),  # sheep
+}
+DIFFICULTIES = ("easy", "hard")
+
+
+def _hard_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A grey-ish field with a fine random texture and unlabelled clutter in object colours."""
+    grid = rng.uniform(60, 180, (6, 6, 1)) + rng.uniform(-30, 30, (6, 6, 3))
     small = Image.fromarray(grid.clip(0, 255).astype(np.uint8))
     image = np.array(small.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float64)
+    yy, xx = np.mgrid[0:h, 0:w]
+    angle, period = rng.uniform(0, np.pi), rng.uniform(4, 9)
+    waves = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period)
+    image *= (1 + 0.12 * waves)[..., None]
+    clutter = Image.fromarray(image.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(clutter)
+    colours = [c for c, _, _ in HARD_CLASSES.values()]
+    for _ in range(int(rng.integers(2, 6))):  # lines and rings in object colours: background
+        colour = np.array(colours[int(rng.integers(len(colours)))]) + rng.uniform(-30, 30, 3)
+        fill = tuple(int(v) for v in colour.clip(0, 255))
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+        x1, y1 = x0 + rng.uniform(-0.5, 0.5) * w, y0 + rng.uniform(-0.5, 0.5) * h
+        if rng.uniform() < 0.5:
+            draw.line([(x0, y0), (x1, y1)], fill=fill, width=int(rng.integers(2, 5)))
+        else:
+            r = rng.uniform(4, 0.2 * min(h, w))
+            draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), outline=fill, width=2)
+    return np.array(clutter, dtype=np.float64)
+
+
+def _synthetic_sample(
+    rng: np.random.Generator, size: tuple[int, int], difficulty: str = "easy"
+) -> tuple[np.ndarray, np.ndarray]:
+    hard = difficulty == "hard"
+    h = int(rng.integers(size[0], size[1] + 1))
+    w = int(rng.integers(size[0], size[1] + 1))
+    if hard:
+        image = _hard_background(rng, h, w)
+    else:  # background: a coarse random grey-ish grid, smoothly upsampled
+        grid = rng.uniform(70, 170, (4, 4, 1)) + rng.uniform(-20, 20, (4, 4, 3))
+        small = Image.fromarray(grid.clip(0, 255).astype(np.uint8))
+        image = np.array(small.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float64)
     label = np.zeros((h, w), dtype=np.uint8)
-    classes = list(SYNTHETIC_CLASSES)
-    for _ in range(int(rng.integers(1, 4))):
+    table = HARD_CLASSES if hard else SYNTHETIC_CLASSES
+    classes = list(table)
+    for _ in range(int(rng.integers(2, 6) if hard else rng.integers(1, 4))):
         cls = classes[int(rng.integers(len(classes)))]
-        colour, shape, texture = SYNTHETIC_CLASSES[cls]
-        side = rng.uniform(0.3, 0.65) * min(h, w)
+        colour, shape, texture = table[cls]
+        side = rng.uniform(*((0.12, 0.45) if hard else (0.3, 0.65))) * min(h, w)
         bw, bh = (
             (side * 0.6, side * 1.3) if shape == "tall" else (side, side * rng.uniform(0.7, 1.1))
         )
@@ -376,11 +422,16 @@ def _synthetic_sample(
         _draw_shape(ImageDraw.Draw(fill_mask), shape, box, fill=1)
         _draw_shape(ImageDraw.Draw(edge_mask), shape, box, outline=1, width=3)
         inside, edge = np.array(fill_mask, dtype=bool), np.array(edge_mask, dtype=bool)
-        rgb = np.array(colour) + rng.uniform(-20, 20, 3)
+        rgb = np.array(colour) + rng.uniform(*((-35, 35) if hard else (-20, 20)), 3)
         image[inside] = (_texture(texture, h, w, rng)[..., None] * rgb)[inside]
         label[inside] = cls
         label[edge] = IGNORE_INDEX  # VOC marks object borders with 255
-    image += rng.normal(0, 8, image.shape)
+    if hard:  # uneven lighting: a left-to-right or top-to-bottom gain ramp
+        ramp = np.linspace(
+            rng.uniform(0.6, 1.0), rng.uniform(1.0, 1.3), w if rng.uniform() < 0.5 else h
+        )
+        image *= (ramp[None, :] if ramp.size == w else ramp[:, None])[..., None]
+    image += rng.normal(0, 12 if hard else 8, image.shape)
     return image.clip(0, 255).astype(np.uint8), label
 
 
@@ -391,6 +442,7 @@ def generate_synthetic_voc(
     num_val: int = 60,
     size: tuple[int, int] = (96, 144),
     seed: int = 0,
+    difficulty: str = "easy",
 ) -> Path:
     """Write a synthetic data set in the real VOC 2012 layout under ``root``; returns ``root``.
 
@@ -400,9 +452,19 @@ def generate_synthetic_voc(
     ``torchvision.datasets.VOCSegmentation`` read it like the real thing. Image sides are drawn
     from ``size``. Deterministic in its arguments; an existing complete set with the same
     arguments is reused. Written to a temporary folder and renamed, so concurrent callers are safe.
+
+    ``difficulty="hard"`` draws eight classes in pairs that share colour and shape and differ only
+    in texture (:data:`HARD_CLASSES`), two to five smaller objects per image, a textured
+    background with unlabelled clutter in the object colours, uneven lighting and more noise: a
+    set on which a small network trained for a few CPU minutes stays well below its ceiling, so
+    that ablations (``examples/aux_weight_sweep.py``) have room to differ.
     """
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty {difficulty!r} is not one of {DIFFICULTIES}.")
     root = Path(root)
     params = {"num_train": num_train, "num_val": num_val, "size": list(size), "seed": seed}
+    if difficulty != "easy":  # the easy set's marker stays as it was: existing caches stay valid
+        params["difficulty"] = difficulty
     done = root / "synthetic.json"
     if done.is_file() and json.loads(done.read_text()) == params:
         return root
@@ -415,7 +477,7 @@ def generate_synthetic_voc(
     palette = voc_palette()
     ids = [f"2012_{i:06d}" for i in range(num_train + num_val)]
     for image_id in ids:
-        image, label = _synthetic_sample(rng, size)
+        image, label = _synthetic_sample(rng, size, difficulty)
         Image.fromarray(image).save(voc / "JPEGImages" / f"{image_id}.jpg", quality=90)
         png = Image.frombytes("P", (label.shape[1], label.shape[0]), label.tobytes())
         png.putpalette(palette)
