@@ -34,7 +34,6 @@ def main() -> None:
         criterion=criterion,
     )
     optimizer = torch.optim.Adam(sup.parameters(), lr=1e-3)  # heads included
-
     sup.train()
     for step in tqdm(range(args.steps), desc="training"):
         images, labels = make_batch(16)
@@ -52,6 +51,7 @@ def main() -> None:
     images, labels = make_batch(256)
     with torch.no_grad():
         predictions = sup(images).argmax(dim=1)
+        assert torch.equal(predictions, model(images).argmax(dim=1))  # sup(x) is model(x)
     print(f"accuracy on 256 new images: {(predictions == labels).float().mean().item():.1%}")
 
 
