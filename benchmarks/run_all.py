@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "compiled": [],
     "input_pipeline": ["--recipe"],
     "unet": [],
+    "exits": [],
 }
 
 METHOD = """\

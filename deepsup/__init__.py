@@ -13,7 +13,9 @@ Example:
 """
 
 from . import diagnostics as diagnostics
+from . import exits as exits
 from . import heads as heads
+from . import losses as losses
 from . import multiscale as multiscale
 from . import schedules as schedules
 from ._discovery import TapInfo as TapInfo
@@ -27,6 +29,7 @@ from ._errors import ConfigTypeError as ConfigTypeError
 from ._errors import DeepSupError as DeepSupError
 from ._errors import DeepSupScriptError as DeepSupScriptError
 from ._errors import DeepSupWarning as DeepSupWarning
+from ._errors import EarlyExitError as EarlyExitError
 from ._errors import HeadError as HeadError
 from ._errors import MissingDependencyError as MissingDependencyError
 from ._errors import TapNotFoundError as TapNotFoundError
@@ -37,6 +40,7 @@ from ._state import model_state_dict as model_state_dict
 from ._state import param_groups as param_groups
 from ._taps import Tap as Tap
 from ._version import __version__ as __version__
+from .exits import EarlyExit as EarlyExit
 from .wrapper import AuxLosses as AuxLosses
 from .wrapper import DeepSupervision as DeepSupervision
 from .wrapper import HeadDict as HeadDict
@@ -52,6 +56,8 @@ __all__ = [
     "DeepSupScriptError",
     "DeepSupWarning",
     "DeepSupervision",
+    "EarlyExit",
+    "EarlyExitError",
     "HeadDict",
     "HeadError",
     "MissingDependencyError",
@@ -63,9 +69,11 @@ __all__ = [
     "UsageError",
     "__version__",
     "diagnostics",
+    "exits",
     "format_taps",
     "heads",
     "list_taps",
+    "losses",
     "model_state_dict",
     "multiscale",
     "param_groups",

@@ -22,6 +22,8 @@ fits it, so ``except ValueError`` keeps working for callers that do not know dee
     │                                           something other than a module / tensor
     ├── UsageError              (RuntimeError)  training after unwrap(), a re-entered forward,
     │                                           a training forward under inference_mode
+    ├── EarlyExitError          (RuntimeError)  exits() or EarlyExit where they cannot work
+    │                                           (training, torch.compile, a wrapped wrapper)
     ├── CheckpointError         (KeyError)      a state_dict that is not a wrapper's
     ├── MissingDependencyError  (ImportError)   an optional package is not installed
     ├── WeightsError            (ValueError)    deepsup.models: a weights file that does not fit
@@ -48,6 +50,7 @@ __all__ = [
     "DeepSupError",
     "DeepSupScriptError",
     "DeepSupWarning",
+    "EarlyExitError",
     "HeadError",
     "MissingDependencyError",
     "TapNotFoundError",
@@ -102,6 +105,10 @@ class UsageError(DeepSupError, RuntimeError):
     """The wrapper cannot train in this state (unwrapped, re-entered, under inference_mode)."""
 
 
+class EarlyExitError(DeepSupError, RuntimeError):
+    """``exits()`` or :class:`~deepsup.EarlyExit` used where they cannot work (e.g. compile)."""
+
+
 class CheckpointError(DeepSupError, KeyError):
     """A state_dict is not what the call expects (e.g. not a wrapper's)."""
 
@@ -131,10 +138,10 @@ def add_note(err: BaseException, note: str) -> None:
         err.__notes__ = notes  # type: ignore[attr-defined]
 
 
-def call_user(fn: Callable[..., T], *args: Any, note: Callable[[], str]) -> T:
-    """``fn(*args)``; a user's own exception is re-raised as itself, with ``note()`` added."""
+def call_user(fn: Callable[..., T], *args: Any, note: Callable[[], str], **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``; a user's own exception is re-raised as itself, with ``note()``."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except DeepSupError:
         raise
     except Exception as err:

@@ -36,6 +36,7 @@ from ._taps import (
     resolve_taps,
     settle,
 )
+from .losses import teacher_for, wants_teacher
 
 __all__ = ["AuxLosses", "DeepSupervision", "HeadDict"]
 
@@ -419,6 +420,13 @@ class DeepSupervision(nn.Module):
         if not self.training:
             return self.model(*args, **kwargs)
         self._check_can_train(target)
+        output, captured = self._captured_forward(args, kwargs)
+        return output, self._aux(captured, target, output)
+
+    def _captured_forward(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> tuple[Any, dict[str, list[torch.Tensor]]]:
+        """The model's output and each tap's checked captures, from one windowed forward."""
         grad_enabled = torch.is_grad_enabled()
         with self._capture.window() as records:
             output = self.model(*args, **kwargs)
@@ -432,9 +440,10 @@ class DeepSupervision(nn.Module):
                 )
                 for name, s in self._settings.items()
             }
-        return output, self._aux(captured, target)
+        return output, captured
 
-    def _check_can_train(self, target: Any) -> None:
+    def _check_usable(self) -> None:
+        """The checks of every forward that runs the heads (training, ``exits()``)."""
         if self._unwrapped:
             raise UsageError(
                 "this DeepSupervision was unwrapped (its hooks are removed); train the model "
@@ -449,6 +458,9 @@ class DeepSupervision(nn.Module):
                 "inference (the wrapper is then the model), or use torch.no_grad() for a "
                 "training-mode forward without gradient"
             )
+
+    def _check_can_train(self, target: Any) -> None:
+        self._check_usable()
         with_criterion = any(s.criterion is not None for s in self._settings.values())
         key = self._target_key
         if target is None and with_criterion:
@@ -465,18 +477,20 @@ class DeepSupervision(nn.Module):
                 stacklevel=4,
             )
 
-    def _aux(self, captured: dict[str, list[torch.Tensor]], target: Any) -> dict[str, Any]:
+    def _aux(
+        self, captured: dict[str, list[torch.Tensor]], target: Any, output: Any
+    ) -> dict[str, Any]:
         losses: dict[str, Any] = {}
         raw: dict[str, Any] = {}
         pyramid: dict[Any, torch.Tensor] = {}  # this forward's downsampled targets, shared
         for i, (name, s) in enumerate(self._settings.items()):
             head = self.heads[name]
-            preds = [self._run_head(name, s, head, f) for f in captured[name]]
+            preds = [run_head(name, s, head, f, self._in_channels) for f in captured[name]]
             if s.criterion is None:
                 losses[name] = preds if s.calls == "all" else preds[0]
                 continue
             tap_target = self._target_for(name, target)
-            values = [self._loss(name, s, p, tap_target, pyramid) for p in preds]
+            values = [self._loss(name, s, p, tap_target, output, pyramid) for p in preds]
             loss = values[0] if len(values) == 1 else torch.stack(values).mean()
             # detached: a logging view. Keeping it in the graph costs a compiled train step an
             # extra output that needs grad (measured: 1.13x time, +23% peak memory; see
@@ -486,28 +500,6 @@ class DeepSupervision(nn.Module):
         if not raw:  # no tap has a criterion: predictions, not losses
             return losses
         return AuxLosses(losses, raw=raw)
-
-    def _run_head(self, name: str, s: TapSettings, head: nn.Module, feat: torch.Tensor) -> Any:
-        check_channels(name, feat, self._in_channels, s.layout)
-        # a head that changes its input in place would change the model's output (a tap on the
-        # last module) or a tensor autograd saved (backward fails far from here): checked below
-        version = -1 if s.clone or torch.compiler.is_compiling() else feat._version
-        pred = call_user(
-            head,
-            feat,
-            note=lambda: (
-                f"deepsup: raised in the head of tap {name!r} (input shape "
-                f"{tuple(feat.shape)}, dtype {feat.dtype})"
-            ),
-        )
-        if version >= 0 and feat._version != version:
-            raise HeadError(
-                f"tap {name!r}: its head changed its input in place (an in-place op such as "
-                "ReLU(inplace=True) at the head's start), which would change the model's output "
-                "or a tensor autograd saved for backward. Pass Tap(clone=True) to give the head "
-                "a copy, or use a head that does not modify its input"
-            )
-        return pred
 
     def _target_for(self, name: str, target: Any) -> Any:
         if isinstance(target, Mapping):
@@ -520,7 +512,13 @@ class DeepSupervision(nn.Module):
         return target
 
     def _loss(
-        self, name: str, s: TapSettings, pred: Any, target: Any, pyramid: dict[Any, torch.Tensor]
+        self,
+        name: str,
+        s: TapSettings,
+        pred: Any,
+        target: Any,
+        output: Any,
+        pyramid: dict[Any, torch.Tensor],
     ) -> torch.Tensor:
         criterion = s.criterion
         if criterion is None:  # pragma: no cover - _aux returns predictions for these taps
@@ -544,7 +542,14 @@ class DeepSupervision(nn.Module):
             and not target.is_floating_point()
             and target.dim() == pred.dim() - 1
         )
-        loss = call_user(criterion, pred, target, note=lambda: _criterion_note(name, pred, target))
+        extra = {}  # the teacher protocol of deepsup.losses: the model's output, detached
+        if wants_teacher(criterion):
+            extra["teacher"] = teacher_for(
+                output, pred, align_corners=s.align_corners, tap=name, layout=s.pred_layout
+            )
+        loss = call_user(
+            criterion, pred, target, note=lambda: _criterion_note(name, pred, target), **extra
+        )
         if not isinstance(loss, torch.Tensor):
             raise ConfigTypeError(
                 f"tap {name!r}: the criterion returned {type(loss).__name__}, not a tensor"
@@ -554,6 +559,25 @@ class DeepSupervision(nn.Module):
             # graph, so every head parameter gets a gradient, as DDP needs). No host sync.
             loss = torch.where((target != s.ignore_index).any(), loss, 0.0)
         return loss
+
+    def exits(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Every exit in one forward: ``{tap: prediction, ..., "output": model output}``.
+
+        Eval mode: under ``torch.no_grad()``; training: with gradient. See
+        :func:`deepsup.exits.all_exits`.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from deepsup import DeepSupervision, heads
+            >>> sup = DeepSupervision(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "0",
+            ...                       head=heads.classification(2)).eval()
+            >>> sorted(sup.exits(torch.randn(3, 4)))
+            ['0', 'output']
+        """
+        from .exits import all_exits  # exits.py builds on this module
+
+        return all_exits(self, *args, **kwargs)
 
     # unwrap and housekeeping ----------------------------------------------------------------
 
@@ -588,6 +612,36 @@ class DeepSupervision(nn.Module):
             "torch.jit.script(sup.unwrap()), or use torch.jit.trace / torch.export on the eval "
             "wrapper"
         )
+
+
+def run_head(
+    name: str, s: TapSettings, head: nn.Module, feat: torch.Tensor, in_channels: Mapping[str, int]
+) -> Any:
+    """The head of tap ``name`` on ``feat``, checked (channels, in-place change of its input);
+    a user's exception is re-raised with the tap in a note. Shared by the training forward,
+    ``exits()`` and :class:`~deepsup.EarlyExit`."""
+    check_channels(name, feat, in_channels, s.layout)
+    # a head that changes its input in place would change the model's output (a tap on the
+    # last module) or a tensor autograd saved (backward fails far from here): checked below
+    # (inference tensors have no version counter: EarlyExit under inference_mode)
+    skip = s.clone or torch.compiler.is_compiling() or feat.is_inference()
+    version = -1 if skip else feat._version
+    pred = call_user(
+        head,
+        feat,
+        note=lambda: (
+            f"deepsup: raised in the head of tap {name!r} (input shape "
+            f"{tuple(feat.shape)}, dtype {feat.dtype})"
+        ),
+    )
+    if version >= 0 and feat._version != version:
+        raise HeadError(
+            f"tap {name!r}: its head changed its input in place (an in-place op such as "
+            "ReLU(inplace=True) at the head's start), which would change the model's output "
+            "or a tensor autograd saved for backward. Pass Tap(clone=True) to give the head "
+            "a copy, or use a head that does not modify its input"
+        )
+    return pred
 
 
 def _criterion_note(name: str, pred: Any, target: Any) -> str:
