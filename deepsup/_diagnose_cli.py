@@ -17,7 +17,7 @@ from torch import nn
 
 from . import heads
 from ._errors import DeepSupError
-from .diagnostics import gradient_flow, suggest_taps
+from .diagnostics import DiagnosticsError, gradient_flow, suggest_taps
 from .wrapper import DeepSupervision
 
 
@@ -74,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.classes < 1:
-        raise ValueError(f"--classes must be >= 1 (got {args.classes})")
+        raise DiagnosticsError(f"--classes must be >= 1 (got {args.classes})")
     if args.input[0] < 2:
-        raise ValueError(
+        raise DiagnosticsError(
             f"--input {','.join(map(str, args.input))} has a batch of {args.input[0]}; use 2 or "
             "more (a training step: BatchNorm needs several samples)"
         )
@@ -87,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
         out = model.eval()(x)
     if not isinstance(out, torch.Tensor) or out.dim() not in (2, 4) or out.shape[1] != args.classes:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
+        raise DiagnosticsError(
             f"{args.model} returns {got}; diagnose needs logits (B, {args.classes}) or "
             f"(B, {args.classes}, H, W). Check --classes"
         )
