@@ -463,6 +463,27 @@ MUTATIONS: list[Mutation] = [
         "if False:",
     ),
     Mutation("taps.view-writable", W, "self.taps = TapsView(", "self.taps = dict("),
+    # survives: no test has a model whose forward takes a keyword-only target (``*, target``)
+    Mutation(
+        "checks.target-key-keyword-only-missed",
+        "deepsup/_checks.py",
+        "(p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)",
+        "(p.POSITIONAL_OR_KEYWORD,)",
+    ),
+    Mutation(
+        "taps.ignore-index-not-inherited",
+        T,
+        "ignore = found if isinstance(found, int) and not isinstance(found, bool) else None",
+        "ignore = None",
+    ),
+    # survives: no fast test calls sup.step() between the forward and backward of a float64
+    # model (there .to(float64) returns the buffer's view, which step() then changes in place)
+    Mutation(
+        "wrapper.weight-not-copied",
+        W,
+        "weight.to(dtype=loss.dtype, copy=True)",
+        "weight.to(dtype=loss.dtype)",
+    ),
 ]
 
 # Survivors judged equivalent: the mutant cannot change what deepsup computes.
