@@ -111,14 +111,26 @@ def test_weight_is_applied_as_weight_times_loss_in_the_loss_dtype(
 # ------------------------------------------------------------------ 2. step before backward
 
 
-def test_step_between_forward_and_backward_uses_the_forward_weight(mlp: MLP) -> None:
-    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_between_forward_and_backward_uses_the_forward_weight(
+    mlp: MLP, dtype: torch.dtype
+) -> None:
+    # float64: converting the float64 weight buffer to the loss's dtype is a no-op view unless
+    # the wrapper copies it, and step() would then rewrite a tensor saved for backward
+    mlp = mlp.to(dtype)
+    x, y = torch.randn(4, 6, dtype=dtype), torch.tensor([0, 1, 2, 3])
     ref = copy.deepcopy(mlp)
     sup = DeepSupervision(
-        mlp, {"fc2": schedules.LinearDecay(1.0, total=2)}, head=nn.Linear(8, 4), criterion=CE
+        mlp,
+        {"fc2": schedules.LinearDecay(1.0, total=2)},
+        head=nn.Linear(8, 4, dtype=dtype),
+        criterion=CE,
     )
     ref_sup = DeepSupervision(
-        ref, {"fc2": schedules.LinearDecay(1.0, total=2)}, head=nn.Linear(8, 4), criterion=CE
+        ref,
+        {"fc2": schedules.LinearDecay(1.0, total=2)},
+        head=nn.Linear(8, 4, dtype=dtype),
+        criterion=CE,
     )
     ref_sup.heads["fc2"].load_state_dict(sup.heads["fc2"].state_dict())
     _, aux = sup(x, target=y)
@@ -226,6 +238,16 @@ class TakesTarget(nn.Module):
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         self.seen.append(target)
         return self.fc2(self.fc1(x))
+
+
+class TakesKeywordOnlyTarget(TakesTarget):
+    def forward(self, x: torch.Tensor, *, target: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x, target)
+
+
+def test_a_keyword_only_target_parameter_is_a_clash_too() -> None:
+    with pytest.raises(ConfigError, match=r"forward takes its own target= parameter.*aux_target"):
+        DeepSupervision(TakesKeywordOnlyTarget(), "fc1", head=heads.classification(3), criterion=CE)
 
 
 def test_a_models_own_target_keyword_is_never_swallowed() -> None:
