@@ -463,7 +463,7 @@ MUTATIONS: list[Mutation] = [
         "if False:",
     ),
     Mutation("taps.view-writable", W, "self.taps = TapsView(", "self.taps = dict("),
-    # survives: no test has a model whose forward takes a keyword-only target (``*, target``)
+    # killed by test_hardening's keyword-only target clash test
     Mutation(
         "checks.target-key-keyword-only-missed",
         "deepsup/_checks.py",
@@ -476,8 +476,7 @@ MUTATIONS: list[Mutation] = [
         "ignore = found if isinstance(found, int) and not isinstance(found, bool) else None",
         "ignore = None",
     ),
-    # survives: no fast test calls sup.step() between the forward and backward of a float64
-    # model (there .to(float64) returns the buffer's view, which step() then changes in place)
+    # killed by the float64 case of test_step_between_forward_and_backward_uses_the_forward_weight
     Mutation(
         "wrapper.weight-not-copied",
         W,
