@@ -93,8 +93,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "wrapper.tap-resize-ignored",
         T,
-        "resize=pick(tap.resize, resize),",
-        "resize=resize,",
+        "tap_resize = pick(tap.resize, resize)",
+        "tap_resize = resize",
     ),
     Mutation(
         "wrapper.tap-align-corners-ignored",
@@ -334,8 +334,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "resize.align-corners-dropped",
         R,
-        "mode=mode, align_corners=align_corners)",
-        "mode=mode, align_corners=False)",
+        "ac = align_corners if mode.endswith(_ALIGNABLE) else None",
+        "ac = False if mode.endswith(_ALIGNABLE) else None",
     ),
     Mutation(
         "resize.none-mismatch-passes",
