@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     started = time.perf_counter()
     rounds = pick(args, "rounds", 10, 2)
     warmup = pick(args, "warmup", 2, 1)
-    size = args.size or (16 if args.quick else 32)
+    size = pick(args, "size", 32, 16)
     filters = [8, 16, 32, 64, 128] if not args.quick else [2, 4, 8, 16]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 1, size, size, size, generator=g).to(device)
