@@ -35,10 +35,10 @@ from _common import (
     table,
     time_target,
 )
+from deepsup._resize import reconcile
 from torch import nn
 
 from deepsup import DeepSupervision, Tap
-from deepsup._resize import reconcile
 from deepsup.multiscale import scale_weights
 
 warnings.filterwarnings("ignore", module="monai")

@@ -1,5 +1,10 @@
 """deepsup: deep supervision for any PyTorch model, in one line, without touching its code.
 
+The top level holds what a training script uses; the rest lives in its submodules:
+:mod:`deepsup.heads`, :mod:`deepsup.schedules`, :mod:`deepsup.losses`,
+:mod:`deepsup.functional` (the pure functions every feature calls), :mod:`deepsup.exits`,
+:mod:`deepsup.multiscale`, :mod:`deepsup.diagnostics` and :mod:`deepsup.errors`.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -12,65 +17,39 @@ Example:
     ['0']
 """
 
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
 from . import diagnostics as diagnostics
+from . import errors as errors
 from . import exits as exits
+from . import functional as functional
 from . import heads as heads
 from . import losses as losses
 from . import multiscale as multiscale
 from . import schedules as schedules
-from ._discovery import TapInfo as TapInfo
-from ._discovery import format_taps as format_taps
+from ._config import Tap as Tap
 from ._discovery import list_taps as list_taps
-from ._errors import CaptureError as CaptureError
-from ._errors import ChannelInferenceError as ChannelInferenceError
-from ._errors import CheckpointError as CheckpointError
-from ._errors import ConfigError as ConfigError
-from ._errors import ConfigTypeError as ConfigTypeError
-from ._errors import DeepSupError as DeepSupError
-from ._errors import DeepSupScriptError as DeepSupScriptError
-from ._errors import DeepSupWarning as DeepSupWarning
-from ._errors import EarlyExitError as EarlyExitError
-from ._errors import HeadError as HeadError
-from ._errors import MissingDependencyError as MissingDependencyError
-from ._errors import TapNotFoundError as TapNotFoundError
-from ._errors import TapOutputError as TapOutputError
-from ._errors import TargetError as TargetError
-from ._errors import UsageError as UsageError
 from ._state import model_state_dict as model_state_dict
 from ._state import param_groups as param_groups
-from ._taps import Tap as Tap
 from ._version import __version__ as __version__
+from .errors import DeepSupError as DeepSupError
 from .exits import EarlyExit as EarlyExit
-from .wrapper import AuxLosses as AuxLosses
 from .wrapper import DeepSupervision as DeepSupervision
-from .wrapper import HeadDict as HeadDict
 
 __all__ = [
-    "AuxLosses",
-    "CaptureError",
-    "ChannelInferenceError",
-    "CheckpointError",
-    "ConfigError",
-    "ConfigTypeError",
     "DeepSupError",
-    "DeepSupScriptError",
-    "DeepSupWarning",
     "DeepSupervision",
     "EarlyExit",
-    "EarlyExitError",
-    "HeadDict",
-    "HeadError",
-    "MissingDependencyError",
     "Tap",
-    "TapInfo",
-    "TapNotFoundError",
-    "TapOutputError",
-    "TargetError",
-    "UsageError",
     "__version__",
     "diagnostics",
+    "errors",
     "exits",
-    "format_taps",
+    "functional",
     "heads",
     "list_taps",
     "losses",
@@ -79,3 +58,25 @@ __all__ = [
     "param_groups",
     "schedules",
 ]
+
+# Names the top level had before 0.3, and where they live now (still reachable from here,
+# with a DeprecationWarning).
+_MOVED = {
+    **{name: "errors" for name in errors.__all__ if name != "DeepSupError"},
+    "AuxLosses": "wrapper",
+    "HeadDict": "wrapper",
+    "TapInfo": "diagnostics",
+    "format_taps": "diagnostics",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        where = _MOVED[name]
+        warnings.warn(
+            f"deepsup.{name} moved to deepsup.{where}.{name}; import it from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(f"deepsup.{where}"), name)
+    raise AttributeError(f"module 'deepsup' has no attribute {name!r}")

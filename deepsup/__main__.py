@@ -10,44 +10,16 @@ arguments). No weights are downloaded: models are built with random weights.
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from ._diagnose_cli import add_parser as add_diagnose_parser
 from ._diagnose_cli import run as run_diagnose
-from ._discovery import format_taps, list_taps
-from ._errors import ConfigError, ConfigTypeError
+from ._discovery import build_model, format_taps, list_taps
 
-
-def build_model(spec: str) -> nn.Module:
-    """Build ``timm:NAME``, ``torchvision:NAME`` or ``package.module:callable``."""
-    source, sep, name = spec.partition(":")
-    if not sep or not name:
-        raise ConfigError(
-            f"model {spec!r} must be 'timm:NAME', 'torchvision:NAME' or 'package.module:callable'"
-        )
-    if source == "timm":
-        import timm
-
-        model = timm.create_model(name, pretrained=False)
-    elif source == "torchvision":
-        import torchvision
-
-        model = torchvision.models.get_model(name, weights=None)
-    else:
-        # as `python -m deepsup` does: a module in the current folder is found (the `deepsup`
-        # console script's sys.path starts at its own bin folder instead)
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        model = getattr(importlib.import_module(source), name)()
-    if not isinstance(model, nn.Module):
-        raise ConfigTypeError(f"{spec!r} built a {type(model).__name__}, not an nn.Module")
-    return model
+__all__ = ["build_model", "main"]
 
 
 def _shape(text: str) -> tuple[int, ...]:

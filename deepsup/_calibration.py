@@ -1,34 +1,47 @@
-"""Measuring and choosing early exits: cost tables, the threshold search, the default metric.
+"""Measuring and choosing early exits: costs, calibration and evaluation of an
+:class:`~deepsup.EarlyExit`, the threshold search, the result tables, the default metric.
 
-Private helpers of :mod:`deepsup.exits` (which re-exports the public names); nothing here runs
-a model.
+The measurement half of :mod:`deepsup.exits` (which re-exports the public names and keeps the
+mechanics: hooks, the stopped forward).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
-from ._errors import ConfigError, ConfigTypeError, call_user
+from ._capture import as_call
+from ._checks import call_user, check_int, check_number
+from ._config import OUTPUT
+from ._layout import Layout, channels_first, spatial_size
+from .errors import ConfigError, ConfigTypeError, EarlyExitError
+from .functional import _per_sample, upsample
 
-__all__ = ["ExitCosts", "ExitRow", "ExitTable", "search_thresholds", "top1"]
+if TYPE_CHECKING:
+    from .exits import EarlyExit
 
-OUTPUT = "output"
+__all__ = [
+    "ExitCosts",
+    "ExitRow",
+    "ExitTable",
+    "calibrate",
+    "evaluate",
+    "measure_costs",
+    "search_thresholds",
+    "top1",
+]
 
 # Internal per-call settings besides float thresholds, used to measure each exit's cost.
 _STOP = "stop"  # stop at this tap without running its head
 _NEVER = "never"  # run the head, never exit
 _ALWAYS = "always"  # run the head, always exit
-
-
-def _per_sample(values: torch.Tensor) -> torch.Tensor:
-    """(B,) or (B, *spatial) -> (B,): dense predictions average over positions."""
-    return values.flatten(1).mean(1) if values.dim() > 1 else values
 
 
 @dataclass(frozen=True)
@@ -88,14 +101,25 @@ class ExitTable:
         """The rows as dicts (for csv/json), then a ``"total"`` row and a ``"full model"`` row."""
         rows = [dict(r.__dict__) for r in self.rows]
         rows.append(
-            {"exit": "total", "threshold": math.nan, "share": 1.0, "accuracy": self.accuracy,
-             "flops": self.flops, "time_s": self.time_s}
-        )  # fmt: skip
+            {
+                "exit": "total",
+                "threshold": math.nan,
+                "share": 1.0,
+                "accuracy": self.accuracy,
+                "flops": self.flops,
+                "time_s": self.time_s,
+            }
+        )
         rows.append(
-            {"exit": "full model", "threshold": math.nan, "share": 1.0,
-             "accuracy": self.full_accuracy, "flops": self.full_flops,
-             "time_s": self.full_time_s}
-        )  # fmt: skip
+            {
+                "exit": "full model",
+                "threshold": math.nan,
+                "share": 1.0,
+                "accuracy": self.full_accuracy,
+                "flops": self.full_flops,
+                "time_s": self.full_time_s,
+            }
+        )
         return rows
 
     def __str__(self) -> str:
@@ -113,19 +137,26 @@ class ExitTable:
         return "\n".join(lines)
 
 
-def top1(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample accuracy ``(B,)``: argmax over dim 1 equals the target.
+def top1(
+    prediction: torch.Tensor, target: torch.Tensor, *, layout: Layout = "NCHW"
+) -> torch.Tensor:
+    """Per-sample accuracy ``(B,)``: the argmax over the class axis equals the target.
 
-    Dense predictions ``(B, K, *spatial)`` give each sample's pixel accuracy, the prediction
-    upsampled (nearest) to the target's size if they differ.
+    Dense predictions give each sample's pixel (or token) accuracy, the prediction upsampled
+    (nearest) to the target's size if they differ. A single logit is binary: ``z > 0``.
 
     Example:
         >>> top1(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
         tensor([1., 0.])
+        >>> top1(torch.tensor([[[0.1, 0.9], [0.8, 0.2]]]), torch.tensor([[1, 1]]), layout="NHWC")
+        tensor([0.5000])
     """
-    if prediction.dim() > 2 and prediction.shape[2:] != target.shape[1:]:
-        prediction = F.interpolate(prediction.float(), size=tuple(target.shape[1:]))
-    return _per_sample((prediction.argmax(1) == target).float())
+    size = tuple(target.shape[1:])
+    if prediction.dim() > 2 and spatial_size(prediction, layout) != size:
+        prediction = upsample(prediction.float(), size, layout=layout, interpolation="nearest")
+    x = channels_first(prediction, layout)
+    guess = (x[:, 0] > 0).long() if x.dim() >= 2 and x.shape[1] == 1 else x.argmax(1)
+    return _per_sample((guess == target).float())
 
 
 def _split(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
@@ -135,11 +166,8 @@ def _split(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
             f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''})"
         )
     x, y = batch
-    if isinstance(x, Mapping):
-        return (), dict(x), y
-    if isinstance(x, tuple):
-        return x, {}, y
-    return (x,), {}, y
+    args, kwargs = as_call(x)
+    return args, kwargs, y
 
 
 def _first_sample(x: Any) -> Any:
@@ -238,9 +266,12 @@ def search_thresholds(
     k, _ = conf.shape
     floor = float(score[-1].mean()) - max_drop - 1e-9
     qs = torch.linspace(0, 1, grid, dtype=torch.float64)
-    candidates = [
-        [*sorted(set(torch.quantile(conf[i].double(), qs).tolist())), math.inf] for i in range(k)
-    ]
+    candidates = []
+    for i in range(k):  # a NaN confidence never exits; it is no candidate either
+        finite = conf[i].double()
+        finite = finite[~finite.isnan()]
+        found = torch.quantile(finite, qs).tolist() if finite.numel() else []
+        candidates.append([*sorted(set(found)), math.inf])
     prefix = torch.tensor([float(costs.prefix[e]) for e in costs.order] + [float(costs.full)])
     head = torch.tensor([float(costs.head[e]) for e in costs.order] + [0.0])
 
@@ -271,3 +302,197 @@ def search_thresholds(
         if not changed:
             break
     return dict(zip(costs.order, current))
+
+
+# ----------------------------------------------------------------------- measuring an EarlyExit
+
+
+def _flops(
+    early: EarlyExit, call: tuple[tuple[Any, ...], dict[str, Any]], thr: Mapping[str, Any]
+) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        early._run(*call, thr)
+    return int(counter.get_total_flops())
+
+
+def _seconds(
+    early: EarlyExit,
+    call: tuple[tuple[Any, ...], dict[str, Any]],
+    thr: Mapping[str, Any],
+    runs: int,
+) -> float:
+    early._run(*call, thr)  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        early._run(*call, thr)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_costs(early: EarlyExit, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ExitCosts:
+    """:meth:`EarlyExit.costs`: the forward stopped at each tap with and without its head, and
+    the model alone, under ``FlopCounterMode``."""
+    call = (args, kwargs)
+    order = early._run(args, kwargs, dict.fromkeys(early.exits, _NEVER))[2]
+    missing = [e for e in early.exits if e not in order]
+    if missing:
+        raise EarlyExitError(
+            f"exits {missing} did not run in an eval forward, so they cannot be exits; "
+            "leave them out of the thresholds or tap modules that run in eval"
+        )
+    prefix = {e: _flops(early, call, {e: _STOP}) for e in order}
+    head = {e: _flops(early, call, {e: _ALWAYS}) - prefix[e] for e in order}
+    return ExitCosts(order, prefix, head, _flops(early, call, {}))
+
+
+def _metrics(
+    early: EarlyExit, metric: Callable[[Any, Any], torch.Tensor] | None
+) -> dict[str, Callable[[Any, Any], torch.Tensor]]:
+    """The metric of each exit: the user's, or :func:`top1` along the exit's class axis."""
+    if metric is not None:
+        return dict.fromkeys([*early.exits, OUTPUT], metric)
+    layouts = {e: early.sup._settings[e].pred_layout or "NCHW" for e in early.exits}
+    out: dict[str, Callable[[Any, Any], torch.Tensor]] = {
+        e: functools.partial(top1, layout=lay) for e, lay in layouts.items()
+    }
+    out[OUTPUT] = top1
+    return out
+
+
+def calibrate(
+    early: EarlyExit,
+    loader: Iterable[Any],
+    max_drop: float,
+    *,
+    metric: Callable[[Any, Any], torch.Tensor] | None,
+    grid: int,
+    timing_runs: int,
+) -> ExitTable:
+    """:meth:`EarlyExit.calibrate`: every head on every sample once, the threshold search, the
+    table of the chosen thresholds."""
+    check_number("max_drop", max_drop, low=0)
+    check_int("grid", grid)
+    check_int("timing_runs", timing_runs)
+    metrics = _metrics(early, metric)
+    early._check_usable()
+    confs: dict[str, list[torch.Tensor]] = {e: [] for e in early.exits}
+    scores: dict[str, list[torch.Tensor]] = {e: [] for e in [*early.exits, OUTPUT]}
+    first: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    for batch in loader:
+        args, kwargs, target = _split(batch)
+        if first is None:
+            first = (_first_sample(args), _first_sample(kwargs))
+        preds = early.sup.exits(*args, **kwargs)
+        for e in early.exits:
+            confs[e].append(early._confidence(e, preds[e]).double())
+        for e in scores:
+            scores[e].append(score_of(metrics[e], preds[e], target, e).float())
+    if first is None:
+        raise ConfigError("the loader gave no batch; calibrate on held-out data")
+    costs = measure_costs(early, *first)
+    conf = torch.stack([torch.cat(confs[e]) for e in costs.order])
+    score = torch.stack([torch.cat(scores[e]) for e in [*costs.order, OUTPUT]])
+    thresholds = search_thresholds(conf, score, costs, max_drop=max_drop, grid=grid)
+    early.thresholds = {e: thresholds.get(e, math.inf) for e in early.exits}
+    exits = _simulate(conf, torch.tensor([thresholds[e] for e in costs.order]))
+    names = [*costs.order, OUTPUT]
+    n = exits.numel()
+    rows = []
+    for i, e in enumerate(names):
+        mask = exits == i
+        k = int(mask.sum())
+        path = costs.path(e, early.thresholds)
+        rows.append(
+            ExitRow(
+                exit=e,
+                threshold=early.thresholds.get(e, math.nan),
+                share=k / n,
+                accuracy=float(score[i][mask].mean()) if k else math.nan,
+                flops=float(_flops(early, first, path)),
+                time_s=_seconds(early, first, path, timing_runs),
+            )
+        )
+    picked = score.gather(0, exits[None])[0]
+    return ExitTable(
+        rows=rows,
+        accuracy=float(picked.mean()),
+        flops=sum(r.flops * r.share for r in rows),
+        time_s=sum(r.time_s * r.share for r in rows),
+        full_accuracy=float(score[-1].mean()),
+        full_flops=float(costs.full),
+        full_time_s=_seconds(early, first, {}, timing_runs),
+        samples=n,
+        thresholds=early.thresholds,
+    )
+
+
+def evaluate(
+    early: EarlyExit,
+    loader: Iterable[Any],
+    *,
+    metric: Callable[[Any, Any], torch.Tensor] | None,
+) -> ExitTable:
+    """:meth:`EarlyExit.evaluate`: each batch through the early exit and through the model
+    alone, interleaved and timed."""
+    metrics = _metrics(early, metric)
+    early._check_usable()
+    first = None
+    exits: list[str] = []
+    early_scores: list[torch.Tensor] = []
+    full_scores: list[torch.Tensor] = []
+    early_times: list[float] = []
+    full_times: list[float] = []
+    for batch in loader:
+        args, kwargs, target = _split(batch)
+        if first is None:
+            first = (_first_sample(args), _first_sample(kwargs))
+        t0 = time.perf_counter()
+        pred, name = early(*args, **kwargs)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            out = early.sup.model(*args, **kwargs)
+        t2 = time.perf_counter()
+        early_scores.append(score_of(metrics[name], pred, target, name).float())
+        full_scores.append(score_of(metrics[OUTPUT], out, target, OUTPUT).float())
+        n = early_scores[-1].numel()
+        exits += [name] * n
+        early_times += [(t1 - t0) / n] * n
+        full_times += [(t2 - t1) / n] * n
+    if first is None:
+        raise ConfigError("the loader gave no batch")
+    costs = measure_costs(early, *first)
+    scored = torch.cat(early_scores)
+    names = [*costs.order, OUTPUT]
+    index = torch.tensor([names.index(e) for e in exits])
+    thresholds = early.thresholds
+    rows = []
+    for i, e in enumerate(names):
+        mask = index == i
+        k = int(mask.sum())
+        rows.append(
+            ExitRow(
+                exit=e,
+                threshold=thresholds.get(e, math.nan),
+                share=k / len(exits),
+                accuracy=float(scored[mask].mean()) if k else math.nan,
+                flops=float(costs.path_flops(e, thresholds)),
+                time_s=statistics.fmean(t for t, m in zip(early_times, mask) if m)
+                if k
+                else math.nan,
+            )
+        )
+    return ExitTable(
+        rows=rows,
+        accuracy=float(scored.mean()),
+        flops=sum(r.flops * r.share for r in rows),
+        time_s=statistics.fmean(early_times),
+        full_accuracy=float(torch.cat(full_scores).mean()),
+        full_flops=float(costs.full),
+        full_time_s=statistics.fmean(full_times),
+        samples=len(exits),
+        thresholds=thresholds,
+    )

@@ -8,7 +8,6 @@ the copy's store and pickling works.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -17,8 +16,10 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 from torch import nn
 
-from ._errors import CaptureError, TapOutputError, UsageError, add_note, call_user
-from ._taps import Selector
+from ._checks import add_note, call_user
+from ._config import Selector
+from .errors import CaptureError, TapOutputError, UsageError
+from .functional import first_tensor
 
 T = TypeVar("T")
 
@@ -31,24 +32,10 @@ class Record(NamedTuple):
     grad_enabled: bool
 
 
-def _default_select(output: Any) -> Any:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output:
-        return output[0]
-    if isinstance(output, Mapping) and output:
-        return next(iter(output.values()))
-    if dataclasses.is_dataclass(output) and not isinstance(output, type):
-        fields = dataclasses.fields(output)
-        if fields:
-            return getattr(output, fields[0].name)
-    return None
-
-
 def select_tensor(output: Any, select: Selector | None, tap: str) -> torch.Tensor:
     """Pick the tensor to feed a head from a module's output."""
     if select is None:
-        picked = _default_select(output)
+        picked = first_tensor(output)
     elif callable(select):
         picked = call_user(
             select,
@@ -133,16 +120,25 @@ def _shapes(example_input: Any) -> str:
     return ", ".join(shown) or type(example_input).__name__
 
 
-def dry_run(model: nn.Module, example_input: Any, window: AbstractContextManager[T]) -> T:
+def dry_run(
+    model: nn.Module,
+    example_input: Any,
+    window: AbstractContextManager[T],
+    kwargs: Mapping[str, Any] | None = None,
+) -> T:
     """Run ``model`` once on ``example_input`` in eval mode, without gradient, inside ``window``
     (a context manager: a capture window, or recording hooks); return what ``window`` gave.
 
     Every module's ``training`` flag is restored afterwards, so a partially frozen model keeps
     its modes; BatchNorm statistics are not touched (eval mode). An exception from the model is
-    re-raised as itself, with a note naming the example input.
+    re-raised as itself, with a note naming the example input. With ``kwargs`` given,
+    ``example_input`` is the tuple of positional arguments and ``kwargs`` the keywords.
     """
     modes = [(m, m.training) for m in model.modules()]
-    args, kwargs = as_call(example_input)
+    if kwargs is None:
+        args, kwargs = as_call(example_input)
+    else:
+        args = tuple(example_input)
     try:
         model.eval()
         with torch.no_grad(), window as value:
@@ -187,28 +183,49 @@ class TapHook:
         return f"deepsup.TapHook({self.name!r})"
 
 
-def check_records(
-    name: str, records: list[Record], *, calls: str, detach: bool, grad_enabled: bool
-) -> list[torch.Tensor]:
-    """Validate one tap's captures after the model's forward; return the tensors to use."""
-    if not records:
+def pick_calls(name: str, calls: str, count: int, forward: str = "training forward") -> range:
+    """Which calls of a tap count, by its ``calls`` rule, when it ran ``count`` times in one
+    forward: the one rule of the training forward, ``exits()`` and ``EarlyExit``.
+
+    Raises:
+        CaptureError: it did not run, or ran more than once with ``calls="error"``.
+
+    Example:
+        >>> pick_calls("x", "last", 3), pick_calls("x", "all", 2)
+        (range(2, 3), range(0, 2))
+    """
+    if count == 0:
         raise CaptureError(
-            f"tap {name!r} did not run in this training forward. Is it skipped in training, "
+            f"tap {name!r} did not run in this {forward}. Is it skipped in training, "
             "called through `.forward()` (which bypasses hooks), or replaced after wrapping "
             "(SyncBatchNorm conversion, fusion, quantization: convert first, then wrap)? "
             "`deepsup.list_taps(model, example_input)` shows which modules run"
         )
-    if len(records) > 1 and calls == "error":
+    if count > 1 and calls == "error":
         raise CaptureError(
-            f"tap {name!r} ran {len(records)} times in one forward (a shared or reused module); "
+            f"tap {name!r} ran {count} times in one forward (a shared or reused module); "
             "pass Tap(calls='first'), 'last' or 'all', or tap a module that runs once"
         )
     if calls == "first":
-        records = records[:1]
-    elif calls == "last":
-        records = records[-1:]
+        return range(1)
+    if calls == "last":
+        return range(count - 1, count)
+    return range(count)
+
+
+def captured(
+    name: str,
+    records: list[Record],
+    *,
+    calls: str,
+    detach: bool,
+    grad_enabled: bool,
+    forward: str = "training forward",
+) -> list[torch.Tensor]:
+    """Validate one tap's captures after the model's forward; return the tensors to use."""
     out = []
-    for r in records:
+    for i in pick_calls(name, calls, len(records), forward):
+        r = records[i]
         if r.version >= 0 and r.tensor._version != r.version:
             raise CaptureError(
                 f"tap {name!r}: its output was changed in place later in the forward (an "

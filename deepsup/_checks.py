@@ -1,75 +1,114 @@
-"""Construction-time checks of the wrapper's arguments that would otherwise fail confusingly."""
+"""The value checks every module shares, and how a user's exception is re-raised.
+
+One place for ``'x' must be T (got v)``: integers, finite numbers, choices. Checks of what a
+:class:`~deepsup.Tap` or the wrapper takes live in ``_config.py``, built from these.
+"""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Mapping
-from typing import Any
+import math
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
-import torch
-from torch import nn
+from .errors import ConfigError, DeepSupError
 
-from . import heads as _heads
-from ._capture import as_call
-from ._errors import ConfigError, ConfigTypeError
+T = TypeVar("T")
 
-__all__ = ["check_batch", "check_head", "check_target_key"]
+__all__ = ["add_note", "call_user", "check_choice", "check_int", "check_number"]
 
 
-_MAKERS = {_heads.seg: "seg", _heads.classification: "classification", _heads.tokens: "tokens"}
+def add_note(err: BaseException, note: str) -> None:
+    """``err.add_note(note)``, also on Python 3.10 (where tracebacks do not show notes)."""
+    if hasattr(err, "add_note"):
+        err.add_note(note)
+    else:  # pragma: no cover - Python 3.10
+        notes = list(getattr(err, "__notes__", []))
+        notes.append(note)
+        err.__notes__ = notes  # type: ignore[attr-defined]
 
 
-def check_head(head: Any, where: str) -> None:
-    """Refuse, at construction, the head specs that would fail confusingly later."""
-    if head is None or isinstance(head, nn.Module):
-        return
-    if head in _MAKERS:
-        name = _MAKERS[head]
-        raise ConfigTypeError(
-            f"{where}head=heads.{name} was passed uncalled; call it with the head's settings: "
-            f"head=heads.{name}(num_classes=...)"
-        )
-    if isinstance(head, type):
-        raise ConfigTypeError(
-            f"{where}head={head.__name__} is a class; pass a factory in_channels -> nn.Module "
-            f"(e.g. functools.partial({head.__name__}, num_classes=...) or deepsup.heads.seg(...)) "
-            "or a ready module"
-        )
-    if not callable(head):
-        raise ConfigTypeError(
-            f"{where}head must be a factory in_channels -> nn.Module or an nn.Module "
-            f"(got {type(head).__name__})"
-        )
-
-
-def check_target_key(model: nn.Module, key: str) -> str:
-    if not isinstance(key, str) or not key.isidentifier():
-        raise ConfigError(f"target_key must be a keyword name (got {key!r})")
+def call_user(fn: Callable[..., T], *args: Any, note: Callable[[], str], **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``; a user's own exception is re-raised as itself, with ``note()``."""
     try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # no signature to read (a builtin): nothing can clash
-        return key
-    p = params.get(key)
-    if p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-        raise ConfigError(
-            f"{type(model).__name__}.forward takes its own {key}= parameter, which the wrapper "
-            f"would take for the aux losses (the model would never see it); pass another name "
-            f'for the wrapper\'s, e.g. DeepSupervision(..., target_key="aux_target"), and call '
-            f"sup(x, {key}=..., aux_target=y)"
-        )
-    return key
+        return fn(*args, **kwargs)
+    except DeepSupError:
+        raise
+    except Exception as err:
+        add_note(err, note())
+        raise
 
 
-def check_batch(example_input: Any, shapes: Mapping[str, torch.Size]) -> None:
-    """A dry run on an input without its batch dim gives captures without one: say so."""
-    args, _ = as_call(example_input)
-    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-    if x is None or x.dim() < 2 or not shapes:
-        return
-    if all(len(s) < 1 or s[0] != x.shape[0] for s in shapes.values()):
+def check_int(what: str, value: object, *, minimum: int = 1) -> int:
+    """The one integer check: ``value`` must be an int (not a bool) ``>= minimum``.
+
+    Example:
+        >>> check_int("in_channels", 3)
+        3
+        >>> check_int("in_channels", 0)
+        Traceback (most recent call last):
+        ...
+        deepsup.errors.ConfigError: in_channels must be a positive int (got 0)
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ConfigError(f"{what} must be {kind} (got {value!r})")
+    return int(value)
+
+
+def is_number(value: object) -> bool:
+    """A real number that is not a bool: Python's and NumPy's ints and floats."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_number(
+    what: str,
+    value: object,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    finite: bool = True,
+) -> float:
+    """``value`` as a float: a real number (NumPy's included, bools refused) in the range.
+
+    Example:
+        >>> check_number("alpha", 0.5, low=0, high=1)
+        0.5
+        >>> check_number("temperature", float("inf"), low=0, low_open=True)
+        Traceback (most recent call last):
+        ...
+        deepsup.errors.ConfigError: temperature must be a finite number > 0 (got inf)
+    """
+    ok = is_number(value)
+    v = float(value) if ok else math.nan  # type: ignore[arg-type]
+    ok = ok and not math.isnan(v) and (math.isfinite(v) or not finite)
+    ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        bounds = []
+        if low > -math.inf:
+            bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        if high < math.inf:
+            bounds.append(f"{'<' if high_open else '<='} {high:g}")
+        kind = "a finite number" if finite else "a number"
         raise ConfigError(
-            f"example_input of shape {tuple(x.shape)} looks unbatched: no tap's output in the "
-            f"dry run has its first dim ({x.shape[0]}) as batch size (captured "
-            f"{ {n: tuple(s) for n, s in shapes.items()} }); pass a batch, e.g. x.unsqueeze(0) "
-            "for one sample"
+            f"{what} must be {kind}{' ' + ' and '.join(bounds) if bounds else ''} (got {value!r})"
         )
+    return v
+
+
+def check_choice(what: str, value: object, choices: Iterable[object], hint: str = "") -> Any:
+    """``value`` must be one of ``choices``.
+
+    Example:
+        >>> check_choice("pool", "max", ("mean", "cls"))
+        Traceback (most recent call last):
+        ...
+        deepsup.errors.ConfigError: pool must be one of 'mean', 'cls' (got 'max')
+    """
+    options = tuple(choices)
+    if value not in options:
+        listed = ", ".join(repr(c) for c in options)
+        raise ConfigError(f"{what} must be one of {listed} (got {value!r}){hint}")
+    return value

@@ -9,6 +9,7 @@ H, W). Without ``--taps`` the taps are those :func:`deepsup.diagnostics.suggest_
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 from . import heads
-from ._errors import DeepSupError
-from .diagnostics import DiagnosticsError, gradient_flow, suggest_taps
+from ._discovery import build_model
+from .diagnostics import gradient_flow, suggest_taps
+from .errors import DeepSupError, DiagnosticsError
 from .wrapper import DeepSupervision
 
 
@@ -44,31 +46,15 @@ def add_parser(sub: Any, shape: Any) -> None:
     p.add_argument("--plot", help="write the gradient-flow chart to this file (needs matplotlib)")
 
 
-def build_with_classes(spec: str, classes: int) -> nn.Module:
-    """``timm:`` and ``torchvision:`` models with ``num_classes=classes``; others as they come."""
-    from .__main__ import build_model
-
-    source, _, name = spec.partition(":")
-    if source == "timm" and name:
-        import timm
-
-        model: nn.Module = timm.create_model(name, pretrained=False, num_classes=classes)
-        return model
-    if source == "torchvision" and name:
-        import torchvision
-
-        built: nn.Module = torchvision.models.get_model(name, weights=None, num_classes=classes)
-        return built
-    return build_model(spec)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``diagnose``; prints the suggestions and the gradient-flow table. Returns the exit
-    status: 0, or 2 after a one-line error for a bad model, shape or tap."""
+    status: 0, or 2 after a one-line error for a bad model, input shape, plot path or tap."""
     try:
         return _run(args)
-    except (DeepSupError, ValueError, TypeError, ImportError, AttributeError) as err:
-        print(f"deepsup diagnose: error: {err}", file=sys.stderr)
+    except Exception as err:  # one line, no traceback: what failed and why
+        first = str(err).splitlines()[0] if str(err) else ""
+        kind = "" if isinstance(err, DeepSupError) else f"{type(err).__name__}: "
+        print(f"deepsup diagnose: error: {kind}{first}", file=sys.stderr)
         return 2
 
 
@@ -80,11 +66,29 @@ def _run(args: argparse.Namespace) -> int:
             f"--input {','.join(map(str, args.input))} has a batch of {args.input[0]}; use 2 or "
             "more (a training step: BatchNorm needs several samples)"
         )
+    if args.plot:
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise DiagnosticsError(
+                f"--plot {args.plot}: the folder {folder} does not exist or is not writable; "
+                "create it first, or pass another path"
+            )
     torch.manual_seed(args.seed)
-    model = build_with_classes(args.model, args.classes)
+    try:
+        model = build_model(args.model, args.classes)
+    except Exception as err:
+        raise DiagnosticsError(
+            f"cannot build model {args.model!r}: {type(err).__name__}: {err}".splitlines()[0]
+        ) from err
     x = torch.randn(*args.input)
-    with torch.no_grad():
-        out = model.eval()(x)
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as err:
+        raise DiagnosticsError(
+            f"{args.model} does not run on an input of shape "
+            f"{','.join(map(str, args.input))}: {type(err).__name__}: {err}".splitlines()[0]
+        ) from err
     if not isinstance(out, torch.Tensor) or out.dim() not in (2, 4) or out.shape[1] != args.classes:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise DiagnosticsError(

@@ -1,17 +1,23 @@
-"""``list_taps``: which modules can be tapped, what they output, and which are stage boundaries."""
+"""``list_taps``: which modules can be tapped, what they output, and which are stage boundaries;
+``build_model``: a model from a command-line spec."""
 
 from __future__ import annotations
 
+import importlib
+import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._channels import _feature_info_entries
+from ._capture import dry_run
+from .errors import ConfigError, ConfigTypeError
+from .functional import first_tensor
 
-__all__ = ["TapInfo", "format_taps", "list_taps"]
+__all__ = ["TapInfo", "build_model", "format_taps", "list_taps"]
 
 _STAGE = re.compile(
     r"(^|\.)(layer\d+|stages?\.\d+|stages?_\d+|blocks\.\d+|features\.\d+|levels?\.\d+"
@@ -71,10 +77,16 @@ class _recording:  # noqa: N801 - used like a contextmanager function
 
 
 def _stages(model: nn.Module) -> set[str]:
+    """The modules timm's ``feature_info`` (a ``FeatureInfo`` or a list of dicts) names."""
     found = set()
     for prefix, m in model.named_modules():
-        for e in _feature_info_entries(getattr(m, "feature_info", None)):
-            found.add(f"{prefix}.{e['module']}" if prefix else str(e["module"]))
+        info = getattr(m, "feature_info", None)
+        entries = getattr(info, "info", info)
+        if not isinstance(entries, (list, tuple)):
+            continue
+        for e in entries:
+            if isinstance(e, dict) and "module" in e:
+                found.add(f"{prefix}.{e['module']}" if prefix else str(e["module"]))
     return found
 
 
@@ -95,8 +107,6 @@ def list_taps(model: nn.Module, example_input: Any = None) -> list[TapInfo]:
         0 Conv2d (1, 8, 6, 6) 1
         1 ReLU (1, 8, 6, 6) 1
     """
-    from ._capture import _default_select, dry_run
-
     named = dict(model.named_modules())
     named.pop("", None)
     stages = _stages(model)
@@ -107,7 +117,7 @@ def list_taps(model: nn.Module, example_input: Any = None) -> list[TapInfo]:
     for name, module in named.items():
         outputs = seen.get(name, [])
         first = outputs[0] if outputs else None
-        tensor = _default_select(first) if outputs else None
+        tensor = first_tensor(first) if outputs else None
         out.append(
             TapInfo(
                 name=name,
@@ -144,3 +154,37 @@ def format_taps(infos: list[TapInfo]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
+    """Build ``timm:NAME``, ``torchvision:NAME`` or ``package.module:callable`` (called with no
+    arguments), with random weights (nothing is downloaded); timm and torchvision models get
+    ``num_classes`` outputs when it is given.
+
+    Example:
+        >>> build_model("torch.nn:Identity")
+        Identity()
+    """
+    source, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise ConfigError(
+            f"model {spec!r} must be 'timm:NAME', 'torchvision:NAME' or 'package.module:callable'"
+        )
+    extra: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    if source == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False, **extra)
+    elif source == "torchvision":
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, **extra)
+    else:
+        # as `python -m deepsup` does: a module in the current folder is found (the `deepsup`
+        # console script's sys.path starts at its own bin folder instead)
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        model = getattr(importlib.import_module(source), name)()
+    if not isinstance(model, nn.Module):
+        raise ConfigTypeError(f"{spec!r} built a {type(model).__name__}, not an nn.Module")
+    return model

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import CheckpointError, ConfigError, ConfigTypeError
+from .errors import CheckpointError, ConfigError, ConfigTypeError
+from .wrapper import DeepSupervision
 
 __all__ = ["model_state_dict", "param_groups"]
 
@@ -69,10 +70,12 @@ def param_groups(
     """Optimizer parameter groups: the model at ``lr``, the heads (and new layers) at a multiple.
 
     semseg's PSPNet and torchvision's reference scripts train newly initialised layers at 10x
-    the backbone's learning rate.
+    the backbone's learning rate. A bare model (no wrapper: the baseline of a comparison)
+    gets the same two groups, its ``new_modules`` in ``"heads"``.
 
     Args:
-        sup: a :class:`~deepsup.DeepSupervision` (or one inside DDP / ``torch.compile``).
+        sup: a :class:`~deepsup.DeepSupervision` (or one inside DDP / ``torch.compile``), or
+            a bare model.
         lr: the learning rate of the model's pretrained part.
         head_lr_mult: the multiple for the heads and ``new_modules``.
         new_modules: names of the model's own submodules that also get the multiple (e.g. a
@@ -93,26 +96,28 @@ def param_groups(
         >>> [(g["name"], g["lr"], len(g["params"])) for g in opt.param_groups]
         [('model', 0.01, 4), ('heads', 0.1, 2)]
     """
-    from .wrapper import DeepSupervision
-
+    if not isinstance(sup, nn.Module):
+        raise ConfigTypeError(
+            f"sup must be a DeepSupervision or an nn.Module (got {type(sup).__name__})"
+        )
     inner = _unwrap_container(sup)
-    if not isinstance(inner, DeepSupervision):
-        raise ConfigTypeError(f"sup must be a DeepSupervision (got {type(inner).__name__})")
+    model = inner.model if isinstance(inner, DeepSupervision) else inner
     fast: list[nn.Parameter] = []
     for name in new_modules:
         try:
-            fast.extend(inner.model.get_submodule(name).parameters())
+            fast.extend(model.get_submodule(name).parameters())
         except AttributeError as err:
             raise ConfigError(
                 f"new_modules entry {name!r} is not a submodule of "
-                f"{type(inner.model).__name__}; use names of model.named_modules()"
+                f"{type(model).__name__}; use names of model.named_modules()"
             ) from err
     fast_ids = {id(p) for p in fast}
-    for p in _own_parameters(inner):
+    own = _own_parameters(inner) if isinstance(inner, DeepSupervision) else ()
+    for p in own:
         if id(p) not in fast_ids:
             fast.append(p)
             fast_ids.add(id(p))
-    slow = [p for p in inner.model.parameters() if id(p) not in fast_ids]
+    slow = [p for p in model.parameters() if id(p) not in fast_ids]
     return [
         {"params": slow, "lr": lr, "name": "model", "initial_lr_mult": 1.0, **group_options},
         {
@@ -125,7 +130,7 @@ def param_groups(
     ]
 
 
-def _own_parameters(sup: nn.Module) -> Iterable[torch.nn.Parameter]:
+def _own_parameters(sup: DeepSupervision) -> Iterable[torch.nn.Parameter]:
     """Parameters of the wrapper that are not the model's: heads, criteria."""
-    model_ids = {id(p) for p in sup.model.parameters()}  # type: ignore[union-attr]
+    model_ids = {id(p) for p in sup.model.parameters()}
     return (p for p in sup.parameters() if id(p) not in model_ids)

@@ -4,37 +4,48 @@
   for the main loss and each tap's weighted aux loss separately, the exact gradient (autograd) on
   the parameters of every module, in execution order, with the cosine between each aux gradient
   and the main one (negative: the losses pull the layer in opposite directions).
+- :func:`list_taps` (also ``deepsup.list_taps``) and :func:`format_taps`: the tappable modules
+  and their outputs.
 - :func:`suggest_taps`: candidate taps at the model's stage boundaries, ranked by how far the
   main-loss gradient has decayed there (Wang et al., "Training Deeper Convolutional Networks with
   Deep Supervision", 2015: branch where the gradient vanishes).
 
 Both leave the model as they found it: parameters' ``.grad``, buffers (BatchNorm running
-statistics), every module's train/eval mode and the RNG state are restored.
+statistics; a buffer the forward reassigns gets its own tensor back), every module's train/eval
+mode and the RNG states (PyTorch's, CUDA's, Python's and NumPy's) are restored.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from ._capture import as_call
+from ._discovery import TapInfo as TapInfo
+from ._discovery import format_taps as format_taps
 from ._discovery import list_taps
-from ._errors import DeepSupError
+from .errors import DiagnosticsError
 from .wrapper import DeepSupervision
 
-__all__ = ["DiagnosticsError", "GradientFlow", "TapSuggestion", "gradient_flow", "suggest_taps"]
-
-
-class DiagnosticsError(DeepSupError, ValueError):
-    """A diagnostic cannot run on this model or with these arguments (or matplotlib is missing
-    for :meth:`GradientFlow.plot`)."""
+__all__ = [
+    "DiagnosticsError",
+    "GradientFlow",
+    "TapInfo",
+    "TapSuggestion",
+    "format_taps",
+    "gradient_flow",
+    "list_taps",
+    "suggest_taps",
+]
 
 
 # --------------------------------------------------------------------------- side effects
@@ -42,15 +53,23 @@ class DiagnosticsError(DeepSupError, ValueError):
 
 @contextmanager
 def _preserved(module: nn.Module) -> Iterator[None]:
-    """Restore ``.grad``, buffers, train/eval modes and the RNG state of ``module`` on exit."""
+    """Restore ``.grad``, buffers, train/eval modes and the RNG states of ``module`` on exit.
+
+    Buffers are restored by owner and name: the same tensor object, with its values, also
+    where the forward reassigned the attribute (``self.n = self.n + 1``)."""
     modes = [(m, m.training) for m in module.modules()]
     grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone())
              for p in module.parameters()]  # fmt: skip
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    buffers = [
+        (m, name, b, None if b is None else b.detach().clone())
+        for m in module.modules()
+        for name, b in m._buffers.items()
+    ]
     cpu_rng = torch.get_rng_state()
     cuda = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
     cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
     py_rng = random.getstate()
+    np_rng = np.random.get_state()
     try:
         yield
     finally:
@@ -61,12 +80,15 @@ def _preserved(module: nn.Module) -> Iterator[None]:
                 p.grad = g
                 if g is not None and saved_grad is not None:
                     g.copy_(saved_grad)
-            for b, saved in buffers:
-                b.copy_(saved)
+            for m, name, b, saved in buffers:
+                m._buffers[name] = b
+                if b is not None and saved is not None:
+                    b.copy_(saved)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
         random.setstate(py_rng)
+        np.random.set_state(np_rng)
 
 
 class _Order:
@@ -117,14 +139,6 @@ def _recording(
     finally:
         for h in handles:
             h.remove()
-
-
-def _as_call(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(example_input, tuple):
-        return example_input, {}
-    if isinstance(example_input, Mapping):
-        return (), dict(example_input)
-    return (example_input,), {}
 
 
 def _gradients(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> list[torch.Tensor | None]:
@@ -256,23 +270,41 @@ class GradientFlow:
             values = positive([r["aux"][tap] for r in self.rows])
             top.plot(depth, values, ".--", ms=3, color=colours[tap], label=f"aux loss at {tap}")
         if self.taps:
-            top.plot(depth, positive([r["total"] for r in self.rows]), "-", color="black",
-                     alpha=0.5, lw=2, label="total (main + aux)")  # fmt: skip
+            top.plot(
+                depth,
+                positive([r["total"] for r in self.rows]),
+                "-",
+                color="black",
+                alpha=0.5,
+                lw=2,
+                label="total (main + aux)",
+            )
         top.set(yscale="log", ylabel="gradient L2 norm")
         for ax in (top, bottom):
             for d in self.tap_depths.values():
                 ax.axvline(d, color="grey", ls=":", lw=1)
             ax.grid(alpha=0.3)
         for tap, d in self.tap_depths.items():
-            top.annotate(tap, (d, 1), xycoords=("data", "axes fraction"), rotation=90,
-                         va="top", ha="right", fontsize=7, color="grey")  # fmt: skip
+            top.annotate(
+                tap,
+                (d, 1),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=7,
+                color="grey",
+            )
         top.legend(fontsize=8)
         for tap in self.taps:
             cosines = [r["cosine"][tap] for r in self.rows]
             bottom.plot(depth, cosines, ".-", ms=3, color=colours[tap], label=tap)
         bottom.axhline(0, color="black", lw=0.8)
-        bottom.set(ylim=(-1.05, 1.05), xlabel="depth (execution order of modules with parameters)",
-                   ylabel="cosine(main, aux)")  # fmt: skip
+        bottom.set(
+            ylim=(-1.05, 1.05),
+            xlabel="depth (execution order of modules with parameters)",
+            ylabel="cosine(main, aux)",
+        )
         if title:
             top.set_title(title)
         fig.tight_layout()
@@ -356,6 +388,12 @@ def gradient_flow(
         per_module = [[p for p in owners[n].parameters(recurse=False) if p.requires_grad]
                       for n in names]  # fmt: skip
         params = [p for ps in per_module for p in ps]
+        if not params:
+            raise DiagnosticsError(
+                f"{type(model).__name__} has no trainable parameter that ran in the forward "
+                "(all frozen?), so there is no gradient to measure; unfreeze the layers to "
+                "study (requires_grad_(True)) or measure the heads' training directly"
+            )
         flats = {k: _flat(_gradients(v, params), params) for k, v in losses.items()}
         loss_values = {k: float(v.detach()) for k, v in losses.items()}
         del output, aux, losses
@@ -483,7 +521,7 @@ def suggest_taps(
     if isinstance(model, DeepSupervision):
         model = model.model
     candidates = _boundaries(model, example_input)
-    args, kwargs = _as_call(example_input)
+    args, kwargs = as_call(example_input)
     with _preserved(model):
         model.train()
         with _recording(model, ends_of=list(candidates)) as (order, ends):

@@ -1,55 +1,42 @@
 """Multi-exit inference through the heads deep supervision trained: all exits, and early exit.
 
-:func:`all_exits` (``sup.exits(x)``) runs the model once and every head on its tap.
-:class:`EarlyExit` stops the model's forward at the first tap whose head is confident enough,
-and :meth:`EarlyExit.calibrate` picks the thresholds on held-out data from measured compute
-(``torch.utils.flop_counter.FlopCounterMode``) and wall time.
+:meth:`DeepSupervision.exits` (or :func:`all_exits`) runs the model once and every head on its
+tap. :class:`EarlyExit` stops the model's forward at the first tap whose head is confident
+enough; :meth:`EarlyExit.calibrate` picks the thresholds on held-out data from measured compute
+(``torch.utils.flop_counter.FlopCounterMode``) and wall time (the measurement lives in
+``deepsup/_calibration.py``).
 
 How early exit stops a forward it does not own: :class:`EarlyExit` registers one forward hook
 per tap, once, at construction. Outside an :class:`EarlyExit` call the hooks return at once.
-Inside one, a hook runs the tap's head on the captured output (under ``torch.no_grad``, in eval
-mode: the one place deepsup runs a head inside a hook, since the decision has to be taken
-before the next module runs) and, when every sample is confident, raises a private exception
-that unwinds the model's forward and is caught by :meth:`EarlyExit.forward`. The exception
-derives from ``BaseException``, so a model's own ``except Exception`` does not swallow it; the
-per-call state lives in a thread-local slot reset in ``finally``.
+Inside one, a hook runs the tap's head on the call that the tap's ``calls`` rule picks (the
+first, the last, or the only one), under ``torch.no_grad`` in eval mode (the one place deepsup
+runs a head inside a hook, since the decision has to be taken before the next module runs), and,
+when every sample is confident, raises a private exception that unwinds the model's forward and
+is caught by :meth:`EarlyExit.forward`. The exception derives from ``BaseException``, so a
+model's own ``except Exception`` does not swallow it; the per-call state lives in a thread-local
+slot reset in ``finally``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import statistics
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, NoReturn
+from contextlib import contextmanager
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
 
-from ._calibration import (
-    _ALWAYS,
-    _NEVER,
-    _STOP,
-    OUTPUT,
-    _first_sample,
-    _per_sample,
-    _simulate,
-    _split,
-    score_of,
-)
-from ._calibration import ExitCosts as ExitCosts
-from ._calibration import ExitRow as ExitRow
-from ._calibration import ExitTable as ExitTable
-from ._calibration import search_thresholds as search_thresholds
-from ._calibration import top1 as top1
-from ._capture import select_tensor
-from ._errors import ConfigError, ConfigTypeError, EarlyExitError, UsageError, call_user
-
-if TYPE_CHECKING:
-    from .wrapper import DeepSupervision
+from . import _calibration
+from ._build import need_layout, run_head
+from ._calibration import _ALWAYS, _STOP, ExitCosts, ExitRow, ExitTable, search_thresholds, top1
+from ._capture import dry_run, pick_calls, select_tensor
+from ._checks import call_user
+from ._config import OUTPUT
+from .errors import CaptureError, ConfigError, ConfigTypeError, EarlyExitError
+from .functional import CONFIDENCES, confidence
+from .wrapper import DeepSupervision
 
 __all__ = [
     "CONFIDENCES",
@@ -66,28 +53,9 @@ __all__ = [
 Confidence = Callable[[torch.Tensor], torch.Tensor]
 
 
-# all exits --------------------------------------------------------------------------------
-
-
-def _check_names(sup: DeepSupervision) -> None:
-    if OUTPUT in sup.taps:
-        raise EarlyExitError(
-            f"a tap is named {OUTPUT!r}, the key exits() keeps for the model's output; tap "
-            "another module (a parent or child of it)"
-        )
-
-
 def all_exits(sup: DeepSupervision, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run the model once and every head on its tap: ``{tap: prediction, ..., "output": out}``.
-
-    In eval mode everything runs under ``torch.no_grad()``; in training mode with autograd as
-    the caller has it (BatchNorm statistics update, dropout is on, as in a training forward).
-    A tap with ``calls="all"`` gives a list of predictions. ``sup.exits(...)`` calls this.
-
-    Raises:
-        CaptureError: a tap did not run, or ran several times with ``calls="error"``.
-        UsageError: the wrapper was unwrapped, or the call runs under
-            ``torch.inference_mode()`` (use ``torch.no_grad()``).
+    """``sup.exits(*args, **kwargs)``: every exit in one forward (see
+    :meth:`DeepSupervision.exits`).
 
     Example:
         >>> import torch
@@ -95,100 +63,13 @@ def all_exits(sup: DeepSupervision, *args: Any, **kwargs: Any) -> dict[str, Any]
         >>> from deepsup import DeepSupervision, heads
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> sup = DeepSupervision(model, "0", head=heads.classification(3)).eval()
-        >>> out = sup.exits(torch.randn(2, 4))
-        >>> {k: tuple(v.shape) for k, v in out.items()}
-        {'0': (2, 3), 'output': (2, 3)}
+        >>> sorted(all_exits(sup, torch.randn(2, 4)))
+        ['0', 'output']
     """
-    from .wrapper import run_head
-
-    if not sup.training and torch.is_inference_mode_enabled():
-        raise UsageError(
-            "sup.exits() under torch.inference_mode(): the tap hooks check their captures' "
-            "version counters, which inference tensors lack. Use torch.no_grad() (eval-mode "
-            "exits() already runs under it), or EarlyExit for inference"
-        )
-    sup._check_usable()
-    _check_names(sup)
-    with torch.no_grad() if not sup.training else nullcontext():
-        output, captured = sup._captured_forward(args, kwargs)
-        result: dict[str, Any] = {}
-        for name, s in sup._settings.items():
-            head = sup.heads[name]
-            preds = [run_head(name, s, head, f, sup._in_channels) for f in captured[name]]
-            result[name] = preds if s.calls == "all" else preds[0]
-    result[OUTPUT] = output
-    return result
+    return sup.exits(*args, **kwargs)
 
 
-# confidence -------------------------------------------------------------------------------
-
-
-def _max_softmax(pred: torch.Tensor) -> torch.Tensor:
-    return _per_sample(pred.float().softmax(1).amax(1))
-
-
-def _margin(pred: torch.Tensor) -> torch.Tensor:
-    top = pred.float().softmax(1).topk(2, dim=1).values
-    return _per_sample(top[:, 0] - top[:, 1])
-
-
-def _entropy(pred: torch.Tensor) -> torch.Tensor:
-    log_p = pred.float().log_softmax(1)
-    h = -(log_p.exp() * log_p).sum(1)
-    return _per_sample(1.0 - h / math.log(pred.shape[1]))
-
-
-CONFIDENCES: dict[str, Confidence] = {
-    "max_softmax": _max_softmax,
-    "margin": _margin,
-    "entropy": _entropy,
-}
-
-
-def confidence(prediction: torch.Tensor, kind: str | Confidence = "max_softmax") -> torch.Tensor:
-    """Per-sample confidence ``(B,)`` of logits with classes on dim 1; higher is surer.
-
-    ``"max_softmax"``: the top class's probability; ``"margin"``: top-1 minus top-2
-    probability; ``"entropy"``: ``1 - H(p) / log(K)`` (1 for a one-hot, 0 for uniform). Dense
-    predictions ``(B, K, *spatial)`` average over positions. A callable is used as is.
-
-    Example:
-        >>> logits = torch.tensor([[4.0, 0.0], [0.0, 0.0]])
-        >>> confidence(logits, "margin")
-        tensor([0.9640, 0.0000])
-    """
-    return _confidence_of(_confidence_fn(kind), prediction, "?")
-
-
-def _confidence_fn(kind: str | Confidence) -> Confidence:
-    if callable(kind):
-        return kind
-    if kind not in CONFIDENCES:
-        raise ConfigError(
-            f"confidence must be one of {sorted(CONFIDENCES)} or a callable prediction -> (B,) "
-            f"(got {kind!r})"
-        )
-    return CONFIDENCES[kind]
-
-
-def _confidence_of(fn: Confidence, pred: torch.Tensor, tap: str) -> torch.Tensor:
-    """``fn(pred)``, checked; a user's exception is re-raised with the tap in a note."""
-    conf = call_user(fn, pred, note=lambda: f"deepsup: raised in the confidence of exit {tap!r}")
-    return _check_confidence(conf, pred, tap)
-
-
-def _check_confidence(conf: Any, pred: torch.Tensor, tap: str) -> torch.Tensor:
-    if not isinstance(conf, torch.Tensor) or conf.shape != pred.shape[:1]:
-        got = tuple(conf.shape) if isinstance(conf, torch.Tensor) else type(conf).__name__
-        raise EarlyExitError(
-            f"tap {tap!r}: the confidence function returned {got} for a prediction of shape "
-            f"{tuple(pred.shape)}; it must return one value per sample, shape "
-            f"({pred.shape[0]},)"
-        )
-    return conf
-
-
-# early exit -------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- the hooks
 
 
 class _Exited(BaseException):
@@ -201,10 +82,12 @@ class _Exited(BaseException):
 
 
 class _Call:
-    """The settings of one EarlyExit call: per-tap thresholds, and the taps visited."""
+    """One EarlyExit call: per-tap thresholds, the calls per forward, what ran so far."""
 
-    def __init__(self, thresholds: Mapping[str, float | str]) -> None:
+    def __init__(self, thresholds: Mapping[str, float | str], counts: Mapping[str, int]) -> None:
         self.thresholds = thresholds
+        self.counts = counts
+        self.seen: dict[str, int] = {}
         self.visited: list[str] = []
 
 
@@ -225,13 +108,15 @@ class _ExitState:
         return getattr(self._local, "call", None)
 
     @contextmanager
-    def call(self, thresholds: Mapping[str, float | str]) -> Iterator[_Call]:
+    def call(
+        self, thresholds: Mapping[str, float | str], counts: Mapping[str, int]
+    ) -> Iterator[_Call]:
         if self.current() is not None:
             raise EarlyExitError(
                 "EarlyExit was re-entered on the same thread (called inside its own forward); "
                 "call the model instead"
             )
-        call = _Call(thresholds)
+        call = _Call(thresholds, counts)
         self._local.call = call
         try:
             yield call
@@ -240,23 +125,13 @@ class _ExitState:
 
 
 class _ExitHook:
-    """The forward hook of one exit: runs the head and stops the forward when it is confident."""
+    """The forward hook of one exit: runs the head on the call its ``calls`` rule picks, and
+    stops the forward when it is confident."""
 
-    def __init__(
-        self,
-        state: _ExitState,
-        name: str,
-        select: Any,
-        clone: bool,
-        run: Callable[[torch.Tensor], Any],
-        confidence: Confidence,
-    ) -> None:
-        self.state = state
+    def __init__(self, early: EarlyExit, name: str) -> None:
+        self.state = early._state
         self.name = name
-        self.select = select
-        self.clone = clone
-        self.run = run  # the head, with the wrapper's checks (wrapper.run_head)
-        self.confidence = confidence
+        self.early = early
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         call = self.state.current()
@@ -265,14 +140,19 @@ class _ExitHook:
         threshold = call.thresholds.get(self.name, math.inf)
         if threshold == math.inf:
             return None
+        n = call.seen[self.name] = call.seen.get(self.name, 0) + 1
+        rule = self.early.sup._settings[self.name].calls
+        if rule == "error" and n > 1:
+            pick_calls(self.name, rule, n, "eval forward")  # raises, as exits() would
+        if (rule == "first" and n > 1) or (rule == "last" and n != call.counts.get(self.name)):
+            return None
         call.visited.append(self.name)
         if threshold == _STOP:
             raise _Exited(self.name, None)
-        feat = select_tensor(output, self.select, self.name)
-        pred = self.run(feat.clone() if self.clone else feat)
+        pred = self.early._predict(self.name, output)
         if threshold == _ALWAYS:
             raise _Exited(self.name, pred)
-        conf = _confidence_of(self.confidence, pred, self.name)
+        conf = self.early._confidence(self.name, pred)
         if isinstance(threshold, float) and bool((conf >= threshold).all()):
             raise _Exited(self.name, pred)
         return None
@@ -302,6 +182,9 @@ def _as_thresholds(threshold: float | Mapping[str, float], taps: Iterable[str]) 
     return out
 
 
+# ----------------------------------------------------------------------------- EarlyExit
+
+
 class EarlyExit(nn.Module):
     """Early-exit inference: stop the model's forward at the first confident head.
 
@@ -312,17 +195,30 @@ class EarlyExit(nn.Module):
     for bit to the model's own output. With batch size 1 this is per-sample early exit. An
     exit's prediction is its head's output as is (a dense head's logits at the tap's size).
 
+    A tap that runs several times per forward exits on the call its ``Tap(calls=...)`` picks,
+    as :meth:`DeepSupervision.exits` does: ``"first"``, ``"last"`` (the number of calls is
+    counted once, in a dry run on ``example_input`` or the first input), and ``"error"``
+    refuses a tap that runs more than once.
+
+    The thresholds are in ``state_dict`` (``_extra_state``), with the wrapper's. The module
+    starts in eval mode (and puts ``sup`` in it).
+
     Args:
         sup: the trained :class:`~deepsup.DeepSupervision` (not wrapped in DDP or
             ``torch.compile``); its heads are the exits.
         threshold: one threshold for every exit, or ``{tap: threshold}`` (taps left out never
             exit, and their heads do not run). ``math.inf`` disables an exit.
-        confidence: ``"max_softmax"``, ``"margin"``, ``"entropy"`` (see :func:`confidence`) or
-            a callable ``prediction -> (B,)`` tensor, higher meaning surer.
+        confidence: ``"max_softmax"``, ``"margin"``, ``"entropy"`` (see
+            :func:`deepsup.functional.confidence`: along the class axis of each exit's layout;
+            sigmoid for single-logit heads) or a callable ``prediction -> (B,)`` tensor, higher
+            meaning surer. A NaN confidence never exits.
+        example_input: an input for the dry run that counts each tap's calls per forward
+            (otherwise the first input is counted, once).
 
     Raises:
         EarlyExitError: the forward runs in training mode, under ``torch.compile``, or with a
             ``sup`` wrapped in DDP or compiled; a tap with ``calls="all"``.
+        CaptureError: a tap with ``calls="error"`` runs more than once per forward.
 
     What cannot work: training (a stopped forward has no loss for the rest of the model, and
     DDP would wait for gradients that never come), ``torch.compile`` (a graph cannot stop
@@ -337,7 +233,7 @@ class EarlyExit(nn.Module):
         >>> from deepsup import DeepSupervision, EarlyExit, heads
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> sup = DeepSupervision(model, "0", head=heads.classification(3))
-        >>> early = EarlyExit(sup, threshold=0.0).eval()
+        >>> early = EarlyExit(sup, threshold=0.0)
         >>> pred, name = early(torch.randn(1, 4))
         >>> name, tuple(pred.shape)
         ('0', (1, 3))
@@ -354,10 +250,9 @@ class EarlyExit(nn.Module):
         threshold: float | Mapping[str, float] = 0.9,
         *,
         confidence: str | Confidence = "max_softmax",
+        example_input: Any = None,
     ) -> None:
         super().__init__()
-        from .wrapper import DeepSupervision, run_head
-
         if not isinstance(sup, DeepSupervision):
             inner = getattr(sup, "module", None) or getattr(sup, "_orig_mod", None)
             hint = (
@@ -369,28 +264,39 @@ class EarlyExit(nn.Module):
                 f"EarlyExit needs a DeepSupervision (got {type(sup).__name__}).{hint}"
             )
         sup._check_usable()
-        _check_names(sup)
+        if OUTPUT in sup.taps:
+            raise EarlyExitError(
+                f"a tap is named {OUTPUT!r}, the key EarlyExit keeps for the model's output; "
+                "tap another module (a parent or child of it)"
+            )
         multi = [n for n, s in sup._settings.items() if s.calls == "all"]
         if multi:
             raise EarlyExitError(
                 f"taps {multi} use calls='all' (several predictions per forward), which cannot "
                 "be one exit; use calls='first' or 'last' for them"
             )
+        if not callable(confidence) and confidence not in CONFIDENCES:
+            raise ConfigError(
+                f"confidence must be one of {sorted(CONFIDENCES)} or a callable prediction -> "
+                f"(B,) (got {confidence!r})"
+            )
         self.sup = sup
-        self._confidence = _confidence_fn(confidence)
+        self._confidence_kind = confidence
         self.confidence_name = confidence if isinstance(confidence, str) else "callable"
         self.exits = list(sup.taps)
         self._thresholds = _as_thresholds(threshold, self.exits)
         self._state = _ExitState()
         self._heads = [sup.heads[n] for n in self.exits]  # plain list: not registered twice
-        self._handles = []
-        for name, s in sup._settings.items():
-            run = functools.partial(
-                run_head, name, s, sup.heads[name], in_channels=sup._in_channels
-            )
-            hook = _ExitHook(self._state, name, s.select, s.clone, run, self._confidence)
-            module = sup.model.get_submodule(name)
-            self._handles.append(module.register_forward_hook(hook))
+        self._counts: dict[str, int] | None = None
+        self._handles = [
+            sup.model.get_submodule(name).register_forward_hook(_ExitHook(self, name))
+            for name in self.exits
+        ]
+        self.eval()
+        if example_input is not None:
+            self._count(example_input, None)
+
+    # thresholds and state ---------------------------------------------------------------------
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -400,6 +306,19 @@ class EarlyExit(nn.Module):
     @thresholds.setter
     def thresholds(self, value: float | Mapping[str, float]) -> None:
         self._thresholds = _as_thresholds(value, self.exits)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The thresholds, in exit order, as a float64 tensor (``inf``: off)."""
+        return torch.tensor([self._thresholds[e] for e in self.exits], dtype=torch.float64)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the thresholds saved by :meth:`get_extra_state`."""
+        if not isinstance(state, torch.Tensor) or state.shape != (len(self.exits),):
+            raise ConfigError(
+                f"an EarlyExit checkpoint's _extra_state must hold {len(self.exits)} thresholds, "
+                f"one per exit {self.exits} (got {state!r})"
+            )
+        self.thresholds = dict(zip(self.exits, state.tolist()))
 
     def remove(self) -> None:
         """Remove this EarlyExit's hooks from the model (safe to call twice).
@@ -417,6 +336,37 @@ class EarlyExit(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    # one exit ---------------------------------------------------------------------------------
+
+    def _predict(self, name: str, output: Any) -> Any:
+        s = self.sup._settings[name]
+        feat = select_tensor(output, s.select, name)
+        return run_head(
+            name, s, self.sup.heads[name], feat.clone() if s.clone else feat, self.sup._in_channels
+        )
+
+    def _confidence(self, name: str, pred: torch.Tensor) -> torch.Tensor:
+        """The per-sample confidence of exit ``name``'s prediction, checked (a NaN never
+        exits: ``NaN >= t`` is False)."""
+        kind = self._confidence_kind
+        if callable(kind):
+            conf = call_user(
+                kind, pred, note=lambda: f"deepsup: raised in the confidence of exit {name!r}"
+            )
+        else:
+            layout = need_layout(name, self.sup._settings[name].pred_layout, pred, "prediction")
+            conf = confidence(pred, kind, layout=layout)
+        if not isinstance(conf, torch.Tensor) or conf.shape != pred.shape[:1]:
+            got = tuple(conf.shape) if isinstance(conf, torch.Tensor) else type(conf).__name__
+            raise EarlyExitError(
+                f"tap {name!r}: the confidence function returned {got} for a prediction of "
+                f"shape {tuple(pred.shape)}; it must return one value per sample, shape "
+                f"({pred.shape[0]},)"
+            )
+        return conf
+
+    # the forward ------------------------------------------------------------------------------
 
     def _check_usable(self) -> None:
         if torch.compiler.is_compiling() or _under_dynamo():
@@ -438,15 +388,37 @@ class EarlyExit(nn.Module):
                 "(or train through the DeepSupervision wrapper)"
             )
 
+    def _count(self, args: Any, kwargs: Mapping[str, Any] | None) -> dict[str, int]:
+        """Each tap's calls per eval forward, counted once in a dry run (the wrapper's own,
+        if it had one); a tap with ``calls="error"`` that runs more than once is refused."""
+        if self._counts is None:
+            seen = self.sup._calls_seen
+            if not all(n in seen for n in self.exits):
+                records = dry_run(self.sup.model, args, self.sup._capture.window(), kwargs)
+                seen = {n: len(records.get(n, [])) for n in self.exits}
+            for n in self.exits:
+                if seen[n]:
+                    pick_calls(n, self.sup._settings[n].calls, seen[n], "eval forward")
+            self._counts = dict(seen)
+        return self._counts
+
     def _run(
         self, args: tuple[Any, ...], kwargs: Mapping[str, Any], thresholds: Mapping[str, Any]
     ) -> tuple[Any, str, list[str]]:
         self._check_usable()
-        with torch.no_grad(), self._state.call(thresholds) as call:
+        counts = self._count(args, kwargs)
+        with torch.no_grad(), self._state.call(thresholds, counts) as call:
             try:
                 output = self.sup.model(*args, **kwargs)
             except _Exited as stop:
                 return stop.prediction, stop.name, call.visited
+        for n, k in call.seen.items():
+            if self.sup._settings[n].calls == "last" and k != counts[n]:
+                raise CaptureError(
+                    f"tap {n!r} ran {k} times in this forward but {counts[n]} times in the "
+                    "counting dry run; calls='last' needs the same number of calls per forward "
+                    "(use calls='first')"
+                )
         return output, OUTPUT, call.visited
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, str]:
@@ -454,26 +426,7 @@ class EarlyExit(nn.Module):
         prediction, name, _ = self._run(args, kwargs, self._thresholds)
         return prediction, name
 
-    # calibration ---------------------------------------------------------------------------
-
-    def _flops(self, call: tuple[tuple[Any, ...], dict[str, Any]], thr: Mapping[str, Any]) -> int:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        counter = FlopCounterMode(display=False)
-        with counter:
-            self._run(*call, thr)
-        return int(counter.get_total_flops())
-
-    def _seconds(
-        self, call: tuple[tuple[Any, ...], dict[str, Any]], thr: Mapping[str, Any], runs: int
-    ) -> float:
-        self._run(*call, thr)  # warm-up
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            self._run(*call, thr)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+    # measurement (deepsup/_calibration.py) ----------------------------------------------------
 
     def costs(self, *args: Any, **kwargs: Any) -> ExitCosts:
         """FLOPs of each part of an early-exit forward on this input, measured.
@@ -489,21 +442,11 @@ class EarlyExit(nn.Module):
             >>> from deepsup import DeepSupervision, EarlyExit, heads
             >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
             >>> early = EarlyExit(DeepSupervision(model, "0", head=heads.classification(3)))
-            >>> c = early.eval().costs(torch.randn(1, 4))
+            >>> c = early.costs(torch.randn(1, 4))
             >>> c.order, c.prefix, c.head, c.full
             (['0'], {'0': 64}, {'0': 48}, 112)
         """
-        call = (args, kwargs)
-        order = self._run(args, kwargs, dict.fromkeys(self.exits, _NEVER))[2]
-        missing = [e for e in self.exits if e not in order]
-        if missing:
-            raise EarlyExitError(
-                f"exits {missing} did not run in an eval forward, so they cannot be exits; "
-                "leave them out of the thresholds or tap modules that run in eval"
-            )
-        prefix = {e: self._flops(call, {e: _STOP}) for e in order}
-        head = {e: self._flops(call, {e: _ALWAYS}) - prefix[e] for e in order}
-        return ExitCosts(order, prefix, head, self._flops(call, {}))
+        return _calibration.measure_costs(self, args, kwargs)
 
     def calibrate(
         self,
@@ -518,11 +461,11 @@ class EarlyExit(nn.Module):
 
         Runs every head on every sample of ``loader`` (held-out data, ``(input, target)``
         batches) once, then searches per-exit thresholds (coordinate descent over ``grid``
-        quantiles of each exit's confidences, and "off") for the lowest mean FLOPs per sample
-        such that the early-exit accuracy is at least the model's accuracy minus ``max_drop``
-        (absolute: 0.01 is one point), and sets :attr:`thresholds` to them. The search
-        simulates per-sample exit (batch size 1 at inference). FLOPs are measured with
-        ``FlopCounterMode`` on the first sample (the model's cost must not depend on the
+        quantiles of each exit's confidences, NaNs left out, and "off") for the lowest mean
+        FLOPs per sample such that the early-exit accuracy is at least the model's accuracy
+        minus ``max_drop`` (absolute: 0.01 is one point), and sets :attr:`thresholds` to them.
+        The search simulates per-sample exit (batch size 1 at inference). FLOPs are measured
+        with ``FlopCounterMode`` on the first sample (the model's cost must not depend on the
         input's content); wall time per exit is the median of ``timing_runs`` forwards of that
         sample along the same path.
 
@@ -531,9 +474,9 @@ class EarlyExit(nn.Module):
                 arguments or a dict of keyword arguments.
             max_drop: the accuracy the early exit may lose against the model's output.
             metric: ``metric(prediction, target) -> (B,)`` per-sample score in [0, 1]
-                (default :func:`top1`).
-            grid: candidate thresholds per exit.
-            timing_runs: forwards timed per exit.
+                (default :func:`top1`, along each exit's class axis).
+            grid: candidate thresholds per exit (at least 1).
+            timing_runs: forwards timed per exit (at least 1).
 
         Returns:
             An :class:`ExitTable` measured on ``loader``.
@@ -542,41 +485,18 @@ class EarlyExit(nn.Module):
             >>> import torch
             >>> from torch import nn
             >>> from deepsup import DeepSupervision, EarlyExit, heads
-            >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-            <torch._C.Generator object at ...>
+            >>> _ = torch.manual_seed(0)
             >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 512), nn.ReLU(),
             ...                       nn.Linear(512, 3))
             >>> early = EarlyExit(DeepSupervision(model, "0", head=heads.classification(3)))
             >>> data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
-            >>> table = early.eval().calibrate(data, max_drop=1.0, timing_runs=1)
+            >>> table = early.calibrate(data, max_drop=1.0, timing_runs=1)
             >>> table.thresholds["0"] < float("inf"), table.rows[0].share
             (True, 1.0)
         """
-        if not max_drop >= 0:
-            raise ConfigError(f"max_drop must be >= 0 (got {max_drop!r})")
-        metric = metric or top1
-        self._check_usable()
-        confs: dict[str, list[torch.Tensor]] = {e: [] for e in self.exits}
-        scores: dict[str, list[torch.Tensor]] = {e: [] for e in [*self.exits, OUTPUT]}
-        first: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-        for batch in loader:
-            args, kwargs, target = _split(batch)
-            if first is None:
-                first = (_first_sample(args), _first_sample(kwargs))
-            preds = all_exits(self.sup, *args, **kwargs)
-            for e in self.exits:
-                confs[e].append(_confidence_of(self._confidence, preds[e], e).float())
-            for e in scores:
-                scores[e].append(score_of(metric, preds[e], target, e).float())
-        if first is None:
-            raise ConfigError("the loader gave no batch; calibrate on held-out data")
-        costs = self.costs(*first[0], **first[1])
-        conf = torch.stack([torch.cat(confs[e]) for e in costs.order])
-        score = torch.stack([torch.cat(scores[e]) for e in [*costs.order, OUTPUT]])
-        thresholds = search_thresholds(conf, score, costs, max_drop=max_drop, grid=grid)
-        self._thresholds = {e: thresholds.get(e, math.inf) for e in self.exits}
-        exits = _simulate(conf, torch.tensor([thresholds[e] for e in costs.order]))
-        return self._table(first, costs, exits, score, timing_runs)
+        return _calibration.calibrate(
+            self, loader, max_drop, metric=metric, grid=grid, timing_runs=timing_runs
+        )
 
     def evaluate(
         self,
@@ -597,109 +517,12 @@ class EarlyExit(nn.Module):
             >>> from deepsup import DeepSupervision, EarlyExit, heads
             >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
             >>> early = EarlyExit(DeepSupervision(model, "0", head=heads.classification(3)),
-            ...                   threshold=0.0).eval()
+            ...                   threshold=0.0)
             >>> data = [(torch.randn(1, 4), torch.tensor([0])) for _ in range(3)]
             >>> early.evaluate(data).rows[0].share
             1.0
         """
-        metric = metric or top1
-        self._check_usable()
-        first = None
-        exits: list[str] = []
-        early_scores: list[torch.Tensor] = []
-        full_scores: list[torch.Tensor] = []
-        early_times: list[float] = []
-        full_times: list[float] = []
-        sizes: list[int] = []
-        for batch in loader:
-            args, kwargs, target = _split(batch)
-            if first is None:
-                first = (_first_sample(args), _first_sample(kwargs))
-            t0 = time.perf_counter()
-            pred, name = self(*args, **kwargs)
-            t1 = time.perf_counter()
-            with torch.no_grad():
-                out = self.sup.model(*args, **kwargs)
-            t2 = time.perf_counter()
-            early_scores.append(score_of(metric, pred, target, name).float())
-            full_scores.append(score_of(metric, out, target, OUTPUT).float())
-            n = early_scores[-1].numel()
-            sizes.append(n)
-            exits += [name] * n
-            early_times += [(t1 - t0) / n] * n
-            full_times += [(t2 - t1) / n] * n
-        if first is None:
-            raise ConfigError("the loader gave no batch")
-        costs = self.costs(*first[0], **first[1])
-        early = torch.cat(early_scores)
-        names = [*costs.order, OUTPUT]
-        index = torch.tensor([names.index(e) for e in exits])
-        rows = []
-        for i, e in enumerate(names):
-            mask = index == i
-            k = int(mask.sum())
-            rows.append(
-                ExitRow(
-                    exit=e,
-                    threshold=self._thresholds.get(e, math.nan),
-                    share=k / len(exits),
-                    accuracy=float(early[mask].mean()) if k else math.nan,
-                    flops=float(costs.path_flops(e, self._thresholds)),
-                    time_s=statistics.fmean(t for t, m in zip(early_times, mask) if m)
-                    if k
-                    else math.nan,
-                )
-            )
-        flops = sum(r.flops * r.share for r in rows)
-        return ExitTable(
-            rows=rows,
-            accuracy=float(early.mean()),
-            flops=flops,
-            time_s=statistics.fmean(early_times),
-            full_accuracy=float(torch.cat(full_scores).mean()),
-            full_flops=float(costs.full),
-            full_time_s=statistics.fmean(full_times),
-            samples=len(exits),
-            thresholds=self.thresholds,
-        )
-
-    def _table(
-        self,
-        call: tuple[tuple[Any, ...], dict[str, Any]],
-        costs: ExitCosts,
-        exits: torch.Tensor,
-        score: torch.Tensor,
-        timing_runs: int,
-    ) -> ExitTable:
-        names = [*costs.order, OUTPUT]
-        n = exits.numel()
-        rows = []
-        for i, e in enumerate(names):
-            mask = exits == i
-            k = int(mask.sum())
-            path = costs.path(e, self._thresholds)
-            rows.append(
-                ExitRow(
-                    exit=e,
-                    threshold=self._thresholds.get(e, math.nan),
-                    share=k / n,
-                    accuracy=float(score[i][mask].mean()) if k else math.nan,
-                    flops=float(self._flops(call, path)),
-                    time_s=self._seconds(call, path, timing_runs),
-                )
-            )
-        picked = score.gather(0, exits[None])[0]
-        return ExitTable(
-            rows=rows,
-            accuracy=float(picked.mean()),
-            flops=sum(r.flops * r.share for r in rows),
-            time_s=sum(r.time_s * r.share for r in rows),
-            full_accuracy=float(score[-1].mean()),
-            full_flops=float(costs.full),
-            full_time_s=self._seconds(call, {}, timing_runs),
-            samples=n,
-            thresholds=self.thresholds,
-        )
+        return _calibration.evaluate(self, loader, metric=metric)
 
     def extra_repr(self) -> str:
         return f"thresholds={self._thresholds}, confidence={self.confidence_name!r}"

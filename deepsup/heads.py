@@ -4,11 +4,12 @@
 functions here return such factories (small, picklable objects with a readable ``repr``); the
 classes are the heads themselves, usable directly.
 
-Layouts: a head declares where the channels of its input are with a ``layout`` attribute
-(``"NCHW"``: dim 1; ``"NHWC"``: last, tokens (B, N, C) included) and the layout of its
-prediction with ``output_layout``; the factories carry the same attributes. ``DeepSupervision``
-reads them to infer channels and to resize predictions; a custom head may declare them too (or
-pass ``Tap(layout=...)``).
+Layouts: ``DeepSupervision`` resolves where the channels of each tapped output are (``"NCHW"``:
+dim 1; ``"NHWC"``: last, tokens (B, N, C) included) from the model, and builds every head for
+it. A head that takes only one layout declares it with a ``layout`` attribute, and the layout of
+its prediction with ``output_layout``; the factories here leave ``layout`` at None and are built
+for the tap's layout (any factory with a ``layout=`` keyword is). A custom head may declare
+them too.
 
 Example:
     >>> import torch
@@ -27,8 +28,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._channels import Layout, check_layout
-from ._errors import ConfigError, check_int
+from ._checks import check_int
+from ._layout import Layout, check_layout
+from .errors import ConfigError
 
 __all__ = [
     "ClassificationHead",
@@ -183,10 +185,14 @@ class TokenHead(nn.Module):
 
 
 class _Factory:
-    """A picklable ``in_channels -> nn.Module`` with a constructor-like repr."""
+    """A picklable ``in_channels -> nn.Module`` with a constructor-like repr.
+
+    ``layout`` is None when the head takes either layout; ``DeepSupervision`` then passes the
+    tap's resolved one as ``layout=``.
+    """
 
     def __init__(
-        self, name: str, cls: type[nn.Module], io: tuple[Layout, Layout], **kwargs: Any
+        self, name: str, cls: type[nn.Module], io: tuple[Layout | None, Layout], **kwargs: Any
     ) -> None:
         self.name = name
         self.cls = cls
@@ -194,27 +200,40 @@ class _Factory:
         self.layout, self.output_layout = io
         self.kwargs = kwargs
 
-    def __call__(self, in_channels: int) -> nn.Module:
-        return self.cls(in_channels, **self.kwargs)
+    def __call__(self, in_channels: int, *, layout: Layout | None = None) -> nn.Module:
+        kwargs = dict(self.kwargs)
+        if layout is not None and self.layout is None and "layout" in kwargs:
+            kwargs["layout"] = check_layout(layout)
+        elif kwargs.get("layout", "") is None:
+            kwargs["layout"] = "NCHW"
+        return self.cls(in_channels, **kwargs)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if v is not None)
         return f"heads.{self.name}({args})"
 
 
 def seg(
-    num_classes: int, *, hidden: int | None = None, dropout: float = 0.1, layout: Layout = "NCHW"
+    num_classes: int,
+    *,
+    hidden: int | None = None,
+    dropout: float = 0.1,
+    layout: Layout | None = None,
 ) -> HeadFactory:
     """A factory of :class:`SegHead` (the PSPNet/FCN auxiliary head).
 
+    ``layout`` None: built for the tap's layout (channels-last feature maps of Swin and
+    ConvNeXt blocks are permuted first).
+
     Example:
         >>> seg(21)
-        heads.seg(num_classes=21, hidden=None, dropout=0.1, layout='NCHW')
+        heads.seg(num_classes=21, dropout=0.1)
         >>> seg(21)(1024).conv.out_channels
         256
     """
     check_int("num_classes", num_classes)
-    check_layout(layout)
+    if layout is not None:
+        check_layout(layout)
     return _Factory(
         "seg",
         SegHead,
@@ -227,16 +246,20 @@ def seg(
 
 
 def classification(
-    num_classes: int, *, dropout: float = 0.0, layout: Layout = "NCHW"
+    num_classes: int, *, dropout: float = 0.0, layout: Layout | None = None
 ) -> HeadFactory:
     """A factory of :class:`ClassificationHead` (global pool + linear).
+
+    ``layout`` None: built for the tap's layout (tokens and channels-last maps pool over
+    their positions).
 
     Example:
         >>> classification(10)(512).fc
         Linear(in_features=512, out_features=10, bias=True)
     """
     check_int("num_classes", num_classes)
-    check_layout(layout)
+    if layout is not None:
+        check_layout(layout)
     return _Factory(
         "classification",
         ClassificationHead,

@@ -29,9 +29,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from ._errors import ConfigError, TargetError
-from ._resize import TARGET_MODES, downsample_labels, downsample_target
-from ._target_modes import downsample_target_as
+from . import functional
+from .errors import ConfigError
 
 __all__ = ["RULES", "Rule", "ScaleWeights", "downsample", "scale_weights"]
 
@@ -105,7 +104,8 @@ def downsample(
     num_classes: int | None = None,
     ignore_index: int | None = None,
 ) -> torch.Tensor:
-    """Downsample a target as ``DeepSupervision(resize="target", interpolation=...)`` does.
+    """Downsample a target as ``DeepSupervision(resize="target", interpolation=...)`` does:
+    :func:`deepsup.functional.downsample` with channels-first dense targets.
 
     For custom losses (``criterion=None``) and for inspecting what a coarse head is taught.
 
@@ -136,33 +136,10 @@ def downsample(
                  [0.0000, 1.0000],
                  [0.2500, 0.0000]]])
     """
-    size = tuple(int(s) for s in size)
-    if interpolation not in TARGET_MODES:
-        raise ConfigError(f"interpolation must be one of {TARGET_MODES} (got {interpolation!r})")
-    k = len(size)
-    if target.dim() not in (k + 1, k + 2) or any(s > t for s, t in zip(size, target.shape[-k:])):
-        raise TargetError(
-            f"target of shape {tuple(target.shape)} cannot be downsampled to {size}: expected "
-            f"(B, *S) or (B, C, *S) with {k} spatial dims, each at least as large as size"
-        )
-    dense = target.dim() == k + 2
-    if tuple(target.shape[-k:]) == size:
-        return target
-    if interpolation == "nearest":
-        if dense:
-            return downsample_target(target, size)
-        return downsample_labels(target, size, ignore_index)
-    if num_classes is None:
-        if interpolation == "soft" and not dense:
-            raise ConfigError("interpolation='soft' on class indices needs num_classes= (got None)")
-        num_classes = int(target.max()) + 1 if target.numel() else 1
-    return downsample_target_as(
+    return functional.downsample(
         target,
-        size,
+        tuple(int(s) for s in size),
         interpolation,
         num_classes=num_classes,
-        dense=dense,
-        dtype=torch.float32,
-        tap="downsample",
         ignore_index=ignore_index,
     )

@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 
-from ._errors import ConfigError, ConfigTypeError, check_int
+from ._checks import check_int
+from .errors import ConfigError, ConfigTypeError
 
 __all__ = ["Constant", "CosineDecay", "Cutoff", "LinearDecay", "Schedule", "as_schedule"]
 

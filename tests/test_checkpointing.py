@@ -125,7 +125,7 @@ def test_reentrant_tap_inside_raises(tap: str) -> None:
     )
     x, y = _batch()
     with pytest.raises(
-        deepsup.CaptureError, match=r"captured while autograd was off.*use_reentrant=False"
+        deepsup.errors.CaptureError, match=r"captured while autograd was off.*use_reentrant=False"
     ):
         sup(x, target=y)
     assert sup._capture.records() is None  # the failed call left no capture window open

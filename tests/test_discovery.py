@@ -13,8 +13,9 @@ import torch
 import torchvision
 from conftest import ReuseModel, TinyCNN, tree_env
 
-from deepsup import format_taps, list_taps
+from deepsup import list_taps
 from deepsup.__main__ import build_model, main
+from deepsup.diagnostics import format_taps
 
 
 def test_list_taps_without_input_lists_names_and_types(tiny_cnn: TinyCNN) -> None:

@@ -141,7 +141,7 @@ def test_sync_batchnorm_conversion_drops_the_hook_of_a_batchnorm_tap() -> None:
     sup = _sup(_bn_net(), "1")  # the tap is a BatchNorm2d: conversion replaces it
     nn.SyncBatchNorm.convert_sync_batchnorm(sup)
     x, y = _data()
-    with pytest.raises(deepsup.CaptureError, match="tap '1' did not run"):
+    with pytest.raises(deepsup.errors.CaptureError, match="tap '1' did not run"):
         sup.train()(x, target=y)
 
 

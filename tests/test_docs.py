@@ -142,8 +142,8 @@ def test_every_error_and_warning_class_has_a_troubleshooting_section() -> None:
     import deepsup
 
     _deepsup_modules()
-    classes = {deepsup.DeepSupError, deepsup.DeepSupWarning}
-    classes |= _subclasses(deepsup.DeepSupError) | _subclasses(deepsup.DeepSupWarning)
+    classes = {deepsup.DeepSupError, deepsup.errors.DeepSupWarning}
+    classes |= _subclasses(deepsup.DeepSupError) | _subclasses(deepsup.errors.DeepSupWarning)
     ours = {c for c in classes if c.__module__.startswith("deepsup") and c.__name__[0] != "_"}
     headings = _headings(TROUBLESHOOTING)
     missing = sorted(

@@ -15,8 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from deepsup import DeepSupervision, EarlyExit, EarlyExitError, Tap, UsageError, heads
-from deepsup.exits import ExitCosts, _simulate, confidence, search_thresholds, top1
+from deepsup import DeepSupervision, EarlyExit, Tap, _calibration, heads
+from deepsup._calibration import _simulate
+from deepsup.errors import EarlyExitError, UsageError
+from deepsup.exits import ExitCosts, confidence, search_thresholds, top1
 
 
 class Net(nn.Module):
@@ -41,6 +43,7 @@ def make(threshold: Any = 0.9, **kw: Any) -> tuple[Net, DeepSupervision, EarlyEx
     sup = DeepSupervision(
         model, TAPS, head=heads.classification(4), criterion=nn.CrossEntropyLoss()
     )
+    kw.setdefault("example_input", torch.randn(2, 3, 16, 16))  # counts each tap's calls once
     early = EarlyExit(sup, threshold, **kw).eval()
     return model, sup, early
 
@@ -402,7 +405,7 @@ def test_costs_are_flops_by_hand_and_paths_add_up() -> None:
     x = (torch.randn(1, 4),)
     for thresholds in ({"0": 0.5, "2": 0.5}, {"0": math.inf, "2": 0.5}):
         for e in ["0", "2", "output"]:
-            measured = early._flops((x, {}), c.path(e, thresholds))
+            measured = _calibration._flops(early, (x, {}), c.path(e, thresholds))
             assert measured == c.path_flops(e, thresholds)
 
 

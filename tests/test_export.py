@@ -158,8 +158,10 @@ def test_jit_script_of_unwrap(name: str) -> None:
 
 def test_jit_script_of_the_wrapper_says_to_unwrap() -> None:
     sup, _, _ = _setup("convnet")
-    with pytest.raises(deepsup.DeepSupScriptError, match=r"torch\.jit\.script\(sup\.unwrap\(\)\)"):
+    with pytest.raises(
+        deepsup.errors.DeepSupScriptError, match=r"torch\.jit\.script\(sup\.unwrap\(\)\)"
+    ):
         torch.jit.script(sup)
     sup.train()
-    with pytest.raises(deepsup.DeepSupScriptError, match="unwrap"):
+    with pytest.raises(deepsup.errors.DeepSupScriptError, match="unwrap"):
         torch.jit.script(sup)

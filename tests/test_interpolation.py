@@ -12,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from deepsup import ConfigError, DeepSupervision, Tap, TargetError
-from deepsup._resize import check_interpolation, reconcile
-from deepsup._target_modes import max_target, nearest_exact_indices, soft_target
+from deepsup import DeepSupervision, Tap
+from deepsup._config import check_interpolation
+from deepsup._targets import max_target, nearest_exact_indices, soft_target
+from deepsup.errors import ConfigError, TargetError
+from deepsup.functional import reconcile
 
 # prediction side ----------------------------------------------------------------------------
 

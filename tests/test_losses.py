@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from deepsup import DeepSupervision, Tap, TargetError, heads
-from deepsup._resize import downsample_target
+from deepsup import DeepSupervision, Tap, heads
+from deepsup._targets import nearest as downsample_target
+from deepsup.errors import TargetError
 from deepsup.losses import SelfDistillation, TeacherCriterion, distillation_kl, teacher_for
 
 

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from deepsup import ConfigError, DeepSupervision, TargetError
-from deepsup._resize import reconcile
+from deepsup import DeepSupervision
+from deepsup.errors import ConfigError, TargetError
+from deepsup.functional import reconcile
 from deepsup.multiscale import RULES, downsample, scale_weights
 
 NAMES = ["up4", "up3", "up2", "up1", "up0", "deep1", "deep2"]

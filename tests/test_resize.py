@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepsup import TargetError
-from deepsup._resize import downsample_target, reconcile
+from deepsup._targets import nearest as downsample_target
+from deepsup.errors import TargetError
+from deepsup.functional import reconcile
 
 
 def _floor_indices(size_in: int, size_out: int) -> list[int]:

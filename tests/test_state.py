@@ -44,8 +44,10 @@ def test_param_groups_split_model_and_heads(tiny_cnn: TinyCNN) -> None:
 def test_param_groups_errors(tiny_cnn: TinyCNN) -> None:
     with pytest.raises(ValueError, match=r"new_modules entry 'ppm' is not a submodule of TinyCNN"):
         param_groups(_sup(tiny_cnn), lr=0.1, new_modules=["ppm"])
-    with pytest.raises(TypeError, match=r"sup must be a DeepSupervision \(got TinyCNN\)"):
-        param_groups(tiny_cnn, lr=0.1)
+    with pytest.raises(
+        TypeError, match=r"sup must be a DeepSupervision or an nn\.Module \(got str\)"
+    ):
+        param_groups("tiny_cnn", lr=0.1)  # type: ignore[arg-type]
 
 
 def test_tap_criteria_modules_move_with_the_wrapper(tiny_cnn: TinyCNN) -> None:

@@ -16,8 +16,10 @@ import torchvision
 from conftest import TinyCNN, bare_copy
 from torch import nn
 
-from deepsup import AuxLosses, DeepSupervision, Tap, TapNotFoundError, heads, schedules
-from deepsup._taps import resolve_taps
+from deepsup import DeepSupervision, Tap, heads, schedules
+from deepsup._names import resolve_taps
+from deepsup.errors import TapNotFoundError
+from deepsup.wrapper import AuxLosses
 
 
 def _count_head_calls(sup: DeepSupervision) -> list[int]:

@@ -258,7 +258,7 @@ def test_densenet_block_needs_example_input() -> None:
         criterion=nn.CrossEntropyLoss(),
     )
     assert guessed._in_channels["features.denseblock3"] == 32
-    with pytest.raises(deepsup.ChannelInferenceError, match="built for 32 channels"):
+    with pytest.raises(deepsup.errors.ChannelInferenceError, match="built for 32 channels"):
         guessed(x, target=y)
 
     exact = DeepSupervision(

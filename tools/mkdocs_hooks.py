@@ -25,12 +25,12 @@ MARKER = "<!-- deepsup-api -->"
 # their docstring as the title and come after these, before the errors.
 GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "deepsup.wrapper": ("The wrapper", ("DeepSupervision",)),
-    "deepsup._taps": ("Taps", ()),
+    "deepsup._names": ("Taps", ()),
     "deepsup._discovery": ("Finding taps", ("list_taps", "format_taps")),
     "deepsup._state": ("Checkpoints and optimizers", ()),
 }
-LAST = ("deepsup._errors", "deepsup._version")
-TITLES_LAST = {"deepsup._errors": "Errors and warnings", "deepsup._version": "Version"}
+LAST = ("deepsup.errors", "deepsup._version")
+TITLES_LAST = {"deepsup.errors": "Errors and warnings", "deepsup._version": "Version"}
 # Public-looking modules whose names are all documented at the top level.
 NOT_SUBMODULES = {"__main__"}
 

@@ -27,26 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepsup._errors import (
+from deepsup._checks import check_int
+from deepsup.errors import (
     ConfigError,
     ConfigTypeError,
-    DeepSupError,
     MissingDependencyError,
-    check_int,
+    WeightsError,
+    WeightsNotFoundError,
 )
 
 __all__ = ["PPM", "DilatedResNet", "PSPNet", "WeightsError", "WeightsNotFoundError"]
 
 _RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _TIMM_PREFIX = "timm:"
-
-
-class WeightsError(DeepSupError, ValueError):
-    """A weights file could not be read, or does not fit the backbone."""
-
-
-class WeightsNotFoundError(WeightsError, FileNotFoundError):
-    """The weights file does not exist."""
 
 
 class PPM(nn.Module):

@@ -1,7 +1,7 @@
-"""The exception tree, and the small checks that raise from it.
+"""The exceptions and the warning deepsup raises on purpose.
 
-Every error deepsup raises on purpose subclasses :class:`DeepSupError` *and* the builtin that
-fits it, so ``except ValueError`` keeps working for callers that do not know deepsup::
+Every error subclasses :class:`DeepSupError` *and* the builtin that fits it, so
+``except ValueError`` keeps working for callers that do not know deepsup::
 
     DeepSupError
     ├── ConfigError             (ValueError)    an argument or Tap setting has a bad value: the
@@ -9,11 +9,13 @@ fits it, so ``except ValueError`` keeps working for callers that do not know dee
     │   │                                       globs, calls=, resize=, layout=, a weight or a
     │   │                                       schedule's value, a missing head, a clash of
     │   │                                       target= with the model's own keyword,
-    │   │                                       interpolation=, a scale_weights rule
+    │   │                                       interpolation=, a scale_weights rule, a layout
+    │   │                                       that stays ambiguous
     │   ├── TapNotFoundError    (ValueError)    a tap name matches no submodule
     │   └── ChannelInferenceError (ValueError)  a head's input channels cannot be inferred
-    ├── ConfigTypeError         (TypeError)     an argument of the wrong kind: a class where an
-    │                                           instance is expected, an uncalled head factory
+    ├── ConfigTypeError         (TypeError)     an argument of the wrong kind: a class that
+    │                                           cannot be called with the channel count, an
+    │                                           uncalled head factory, a criterion class
     ├── TargetError             (ValueError)    target= missing, or of the wrong shape
     ├── TapOutputError          (TypeError)     the tapped output holds no usable tensor
     ├── CaptureError            (RuntimeError)  a tap ran 0 or N times, was changed in
@@ -24,6 +26,7 @@ fits it, so ``except ValueError`` keeps working for callers that do not know dee
     │                                           a training forward under inference_mode
     ├── EarlyExitError          (RuntimeError)  exits() or EarlyExit where they cannot work
     │                                           (training, torch.compile, a wrapped wrapper)
+    ├── DiagnosticsError        (ValueError)    a diagnostic cannot run on this model / input
     ├── CheckpointError         (KeyError)      a state_dict that is not a wrapper's
     ├── MissingDependencyError  (ImportError)   an optional package is not installed
     ├── WeightsError            (ValueError)    deepsup.models: a weights file that does not fit
@@ -32,14 +35,14 @@ fits it, so ``except ValueError`` keeps working for callers that do not know dee
 
 A user's own exception raised inside a head, a criterion or a ``select=`` callable is re-raised
 unchanged (same type, same object), with the tap named in a note (``add_note``).
+
+Example:
+    >>> from deepsup.errors import ConfigError, DeepSupError
+    >>> issubclass(ConfigError, DeepSupError) and issubclass(ConfigError, ValueError)
+    True
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any, TypeVar
-
-T = TypeVar("T")
 
 __all__ = [
     "CaptureError",
@@ -50,6 +53,7 @@ __all__ = [
     "DeepSupError",
     "DeepSupScriptError",
     "DeepSupWarning",
+    "DiagnosticsError",
     "EarlyExitError",
     "HeadError",
     "MissingDependencyError",
@@ -57,6 +61,8 @@ __all__ = [
     "TapOutputError",
     "TargetError",
     "UsageError",
+    "WeightsError",
+    "WeightsNotFoundError",
 ]
 
 
@@ -109,6 +115,11 @@ class EarlyExitError(DeepSupError, RuntimeError):
     """``exits()`` or :class:`~deepsup.EarlyExit` used where they cannot work (e.g. compile)."""
 
 
+class DiagnosticsError(DeepSupError, ValueError):
+    """A diagnostic cannot run on this model or with these arguments (or matplotlib is missing
+    for :meth:`~deepsup.diagnostics.GradientFlow.plot`)."""
+
+
 class CheckpointError(DeepSupError, KeyError):
     """A state_dict is not what the call expects (e.g. not a wrapper's)."""
 
@@ -120,47 +131,17 @@ class MissingDependencyError(DeepSupError, ImportError):
     """An optional dependency is not installed; the message says what to install."""
 
 
+class WeightsError(DeepSupError, ValueError):
+    """A weights file could not be read, or does not fit the backbone (``deepsup.models``)."""
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """The weights file does not exist."""
+
+
 class DeepSupScriptError(DeepSupError, RuntimeError):
     """``torch.jit.script`` was asked to compile the wrapper; script ``unwrap()``'s result."""
 
 
 class DeepSupWarning(UserWarning):
     """Warnings deepsup emits: an option that has no effect in this set-up."""
-
-
-def add_note(err: BaseException, note: str) -> None:
-    """``err.add_note(note)``, also on Python 3.10 (where tracebacks do not show notes)."""
-    if hasattr(err, "add_note"):
-        err.add_note(note)
-    else:  # pragma: no cover - Python 3.10
-        notes = list(getattr(err, "__notes__", []))
-        notes.append(note)
-        err.__notes__ = notes  # type: ignore[attr-defined]
-
-
-def call_user(fn: Callable[..., T], *args: Any, note: Callable[[], str], **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)``; a user's own exception is re-raised as itself, with ``note()``."""
-    try:
-        return fn(*args, **kwargs)
-    except DeepSupError:
-        raise
-    except Exception as err:
-        add_note(err, note())
-        raise
-
-
-def check_int(what: str, value: object, *, minimum: int = 1) -> int:
-    """The one integer check: ``value`` must be an int (not a bool) ``>= minimum``.
-
-    Example:
-        >>> check_int("in_channels", 3)
-        3
-        >>> check_int("in_channels", 0)
-        Traceback (most recent call last):
-        ...
-        deepsup._errors.ConfigError: in_channels must be a positive int (got 0)
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ConfigError(f"{what} must be {kind} (got {value!r})")
-    return value
