@@ -142,7 +142,15 @@ def build_heads(
             if count is None:
                 raise ChannelInferenceError(_no_channels(name, modules[name], layout, shapes))
             out.channels[name] = count
-            adapt = head_in is None and layout is not None and _takes_layout(spec)
+            adapt = head_in is None and _takes_layout(spec)
+            if adapt and layout is None:
+                raise ConfigError(
+                    f"tap {name!r}: where the channels of its output are is ambiguous: the "
+                    f"layers of {type(modules[name]).__name__} mix channels-first ones (Conv, "
+                    "BatchNorm) and channels-last ones (Linear, LayerNorm), and there was no "
+                    "dry run; pass example_input= (a batch) for one, or Tap(layout='NCHW') / "
+                    "Tap(layout='NHWC')"
+                )
             head = spec(count, layout=layout) if adapt else spec(count)
             if not isinstance(head, nn.Module):
                 hint = (
