@@ -127,10 +127,6 @@ def downsample(
 
     Example:
         >>> t = torch.tensor([[0, 0, 2, 0, 1, 1, 1, 1]])
-        >>> downsample(t, (2,)), downsample(t, (2,), "max")
-        (tensor([[0, 1]]), tensor([[2, 1]]))
-        >>> downsample(torch.tensor([[255, 3, 255, 4]]), (2,), ignore_index=255)
-        tensor([[3, 4]])
         >>> downsample(t, (2,), "soft", num_classes=3)
         tensor([[[0.7500, 0.0000],
                  [0.0000, 1.0000],

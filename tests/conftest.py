@@ -68,6 +68,18 @@ class MLP(nn.Module):
         return self.out(torch.relu(self.fc2(self.act(self.fc1(x)))))
 
 
+class Tokens(nn.Module):
+    """(B, N, 5) -> embed (B, N, 8) -> per-token logits (B, N, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.embed(x)))
+
+
 class TupleBlock(nn.Module):
     """Returns (hidden, attention-like) as transformer layers do."""
 

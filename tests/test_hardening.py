@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MLP, TinyCNN, TupleModel
+from conftest import MLP, TinyCNN, Tokens, TupleModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -282,18 +282,6 @@ def test_a_head_that_changes_its_input_in_place_cannot_change_the_output() -> No
 
 
 # ------------------------------------------------------------------ 7. per-token predictions
-
-
-class Tokens(nn.Module):
-    """(B, N, 5) -> embed (B, N, 8) -> per-token logits (B, N, 3)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(5, 8)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.embed(x)))
 
 
 def token_ce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ReuseModel
+from conftest import ReuseModel, Tokens
 from torch import nn
 
 from deepsup import DeepSupervision, EarlyExit, Tap, heads, param_groups, schedules
@@ -203,18 +203,6 @@ def _kl_last(pred: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Te
     log_p = F.log_softmax(pred / temp, dim=-1)
     log_q = F.log_softmax(teacher / temp, dim=-1)
     return temp**2 * (log_q.exp() * (log_q - log_p)).sum(-1).mean()
-
-
-class Tokens(nn.Module):
-    """(B, N, 5) -> embed (B, N, 8) -> per-token logits (B, N, 3)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(5, 8)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.embed(x)))
 
 
 def test_self_distillation_of_per_token_predictions_is_over_the_classes() -> None:
