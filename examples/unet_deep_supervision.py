@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _shared import format_mean_std
 from torch import nn
 from tqdm import tqdm
 
@@ -286,12 +287,6 @@ def target_survival(labels: torch.Tensor, lesions: torch.Tensor) -> dict[str, di
 # reporting --------------------------------------------------------------------------------
 
 
-def mean_std(values: Sequence[float]) -> str:
-    m = statistics.fmean(values)
-    s = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.3f} ± {s:.3f}" if len(values) > 1 else f"{m:.3f}"
-
-
 def plot(runs: dict[str, list[dict[str, Any]]], test_set: Any, out: Path) -> None:
     import matplotlib
 
@@ -347,7 +342,7 @@ def print_summary(
         f"{'variant':<12} {'Dice organ':>16} {'Dice lesion':>16} {'lesions found':>16} {'s/run':>7}"
     )
     for v, row in summary.items():
-        cells = " ".join(f"{mean_std(row[k]):>16}" for k in KEYS)
+        cells = " ".join(f"{format_mean_std(row[k], 3, single_std=None):>16}" for k in KEYS)
         print(f"{v:<12} {cells} {statistics.fmean(row['seconds_per_run']):>7.1f}")
     print("\nlesions still present in the training targets at each tap's scale:")
     for rule, scales in survival.items():
