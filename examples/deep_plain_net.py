@@ -142,16 +142,16 @@ class PlainNet(nn.Module):
         return out
 
 
-def wrap(model: PlainNet, variant: str, args: argparse.Namespace, total_steps: int) -> nn.Module:
-    """The model itself (``plain``) or wrapped with companion heads on ``args.taps``."""
-    if variant == "plain":
-        return model
+def wrap(
+    model: PlainNet, variant: str, args: argparse.Namespace, total_steps: int
+) -> DeepSupervision:
+    """The model with companion heads on ``args.taps``, or with none (``plain``: the baseline)."""
     weight: float | schedules.Schedule = args.aux_weight
     if variant == "ds-decay":
         weight = schedules.LinearDecay(args.aux_weight, total=total_steps)
     return DeepSupervision(
         model,
-        taps={f"blocks.{t}": weight for t in args.taps},
+        taps={} if variant == "plain" else {f"blocks.{t}": weight for t in args.taps},
         head=heads.classification(10),
         criterion=nn.CrossEntropyLoss(),
     )
@@ -181,17 +181,13 @@ def train(
         total = 0.0
         for index in torch.randperm(len(y_train)).split(args.batch_size):
             x, y = x_train[index], y_train[index]
-            if isinstance(net, DeepSupervision):
-                output, aux = net(x, target=y)
-                main = criterion(output, y)
-                loss = main + sum(aux.values())
-            else:
-                main = loss = criterion(net(x), y)
+            output, aux = net(x, target=y)  # plain: aux is {}
+            main = criterion(output, y)
+            loss = main + sum(aux.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if isinstance(net, DeepSupervision):
-                net.step()
+            net.step()
             total += main.item() * len(y)
         losses.append(total / len(y_train))
         curve.append(accuracy(model, x_test, y_test))
