@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
+from _shared import epochs_to, format_mean_std
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
@@ -75,16 +77,6 @@ def run_dir(out: Path, weight: float, seed: int) -> Path:
     return out / f"w{weight:g}-s{seed}"
 
 
-def epochs_to_fraction(curve: Sequence[float], fraction: float = 0.9) -> int:
-    """The first epoch (1-based) whose value reaches ``fraction`` of the final value.
-
-    >>> epochs_to_fraction([0.1, 0.5, 0.8, 0.85, 0.9])
-    3
-    """
-    goal = fraction * curve[-1]
-    return next(i + 1 for i, v in enumerate(curve) if v >= goal)
-
-
 def prepare_data(rest: list[str], seeds: Sequence[int]) -> None:
     """Write each seed's synthetic set once, before any run starts (runs then only read it)."""
     import pspnet_voc
@@ -126,7 +118,7 @@ def collect(out: Path, weights: Sequence[float], seeds: Sequence[int]) -> list[d
                     "seed": seed,
                     "final_miou": curve[-1],
                     "best_miou": max(curve),
-                    "epoch_90": epochs_to_fraction(curve),
+                    "epoch_90": epochs_to(curve, 0.9 * curve[-1]),
                     "epochs": len(curve),
                     "wall_time_s": round(result["wall_time_s"], 1),
                     "curve": " ".join(f"{v:.2f}" for v in curve),
@@ -136,10 +128,8 @@ def collect(out: Path, weights: Sequence[float], seeds: Sequence[int]) -> list[d
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    if not values:
-        return "-"
-    spread = stdev(values) if len(values) > 1 else float("nan")
-    return f"{mean(values):.2f} ± {spread:.2f}"
+    """A table cell; a single run shows ``± nan`` (no spread measured)."""
+    return format_mean_std(values, single_std=math.nan)
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> str:

@@ -34,11 +34,11 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from _shared import epochs_to, format_mean_std, permutation_split, upscaled_digits
 from torch import nn
 from tqdm import tqdm
 
@@ -98,14 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def load_digits(size: int, test_size: int) -> tuple[torch.Tensor, ...]:
     """scikit-learn's digits as (N, 1, size, size), standardised, split by a fixed permutation."""
-    from sklearn.datasets import load_digits as sk_digits
-
-    digits = sk_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
-    test, train = order[:test_size], order[test_size:]
+    x, y = upscaled_digits(size)
+    train, test = permutation_split(len(y), test_size)
     mu, sd = x[train].mean(), x[train].std()
     x = (x - mu) / sd
     return x[train], y[train], x[test], y[test]
@@ -148,16 +142,16 @@ class PlainNet(nn.Module):
         return out
 
 
-def wrap(model: PlainNet, variant: str, args: argparse.Namespace, total_steps: int) -> nn.Module:
-    """The model itself (``plain``) or wrapped with companion heads on ``args.taps``."""
-    if variant == "plain":
-        return model
+def wrap(
+    model: PlainNet, variant: str, args: argparse.Namespace, total_steps: int
+) -> DeepSupervision:
+    """The model with companion heads on ``args.taps``, or with none (``plain``: the baseline)."""
     weight: float | schedules.Schedule = args.aux_weight
     if variant == "ds-decay":
         weight = schedules.LinearDecay(args.aux_weight, total=total_steps)
     return DeepSupervision(
         model,
-        taps={f"blocks.{t}": weight for t in args.taps},
+        taps={} if variant == "plain" else {f"blocks.{t}": weight for t in args.taps},
         head=heads.classification(10),
         criterion=nn.CrossEntropyLoss(),
     )
@@ -187,17 +181,13 @@ def train(
         total = 0.0
         for index in torch.randperm(len(y_train)).split(args.batch_size):
             x, y = x_train[index], y_train[index]
-            if isinstance(net, DeepSupervision):
-                output, aux = net(x, target=y)
-                main = criterion(output, y)
-                loss = main + sum(aux.values())
-            else:
-                main = loss = criterion(net(x), y)
+            output, aux = net(x, target=y)  # plain: aux is {}
+            main = criterion(output, y)
+            loss = main + sum(aux.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if isinstance(net, DeepSupervision):
-                net.step()
+            net.step()
             total += main.item() * len(y)
         losses.append(total / len(y_train))
         curve.append(accuracy(model, x_test, y_test))
@@ -221,11 +211,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- reports
 
 
-def epochs_to(curve: Sequence[float], level: float) -> int | None:
-    """The first epoch (1-based) at which ``curve`` reaches ``level``, or None."""
-    return next((i + 1 for i, v in enumerate(curve) if v >= level), None)
-
-
 def summarize(runs: Sequence[dict[str, Any]], level: float = 0.9) -> str:
     """A Markdown table: test accuracy mean +- std over seeds, per variant.
 
@@ -242,9 +227,8 @@ def summarize(runs: Sequence[dict[str, Any]], level: float = 0.9) -> str:
         accs = [100 * r["final_acc"] for r in runs if r["variant"] == variant]
         reach = [epochs_to(r["test_acc"], level) for r in runs if r["variant"] == variant]
         hit = [e for e in reach if e is not None]
-        spread = stdev(accs) if len(accs) > 1 else float("nan")
         lines.append(
-            f"| {variant} | {len(accs)} | {mean(accs):.2f} ± {spread:.2f} "
+            f"| {variant} | {len(accs)} | {format_mean_std(accs, single_std=math.nan)} "
             f"| {min(accs):.2f} / {max(accs):.2f} "
             f"| {f'{mean(hit):.1f}' if hit else '-'} ({len(hit)}/{len(reach)}) |"
         )

@@ -34,9 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from _shared import mean_std, stratified_split, upscaled_digits
 from torch import nn
 from tqdm import tqdm
 
@@ -56,20 +56,9 @@ def load_digits_split(
     size: int = 16, seed: int = 0
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """scikit-learn's digits, upscaled (bilinear) to ``size``, split 60/20/20 (stratified)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x, y = upscaled_digits(size)
     x = (x - 0.3) / 0.35  # roughly zero mean, unit variance
-    y = torch.tensor(digits.target, dtype=torch.long)
-    idx = np.arange(len(y))
-    train, rest = train_test_split(idx, test_size=0.4, stratify=digits.target, random_state=seed)
-    val, test = train_test_split(
-        rest, test_size=0.5, stratify=digits.target[rest], random_state=seed
-    )
-    return {name: (x[i], y[i]) for name, i in (("train", train), ("val", val), ("test", test))}
+    return {name: (x[i], y[i]) for name, i in stratified_split(y, seed=seed).items()}
 
 
 def batches(
@@ -217,10 +206,6 @@ def early_exit_curve(
 
 
 # reporting --------------------------------------------------------------------------------
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarize(runs: list[dict[str, Any]], max_drops: Sequence[float]) -> str:

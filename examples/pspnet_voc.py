@@ -3,8 +3,8 @@
 The model is :class:`deepsup.models.PSPNet`, a plain segmentation network with no aux head of its
 own. One line adds the reference's auxiliary loss: an FCN head on ``backbone.layer3`` (resized to
 the label, cross-entropy, weight 0.4). Validation runs the model in eval mode, where the wrapper
-*is* the model and no head runs. ``--aux-weight 0`` trains the plain model, unwrapped (the
-ablation without deep supervision).
+*is* the model and no head runs. ``--aux-weight 0`` trains the plain model (the wrapper without
+a tap: the ablation without deep supervision).
 
 Runs out of the box: without ``--data-root`` it writes a small synthetic data set in the real VOC
 layout to a cache folder and trains a configuration sized for a laptop CPU (a few minutes)::
@@ -371,17 +371,16 @@ def build_model(args: argparse.Namespace, env: Dist) -> tuple[nn.Module, nn.Modu
         model = PSPNet(NUM_CLASSES, args.backbone, weights=args.weights)
     except WeightsError as err:
         raise _usage_error(f"--weights: {err}") from None
-    net: nn.Module = model
-    if args.aux_weight > 0:
-        # The whole of deep supervision: PSPNet's aux head on layer3, its loss resized to the label.
-        net = DeepSupervision(
-            model,
-            taps={"backbone.layer3": Tap(weight=args.aux_weight)},
-            head=heads.seg(NUM_CLASSES),
-            criterion=nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX),
-            resize="prediction",
-            align_corners=True,
-        )
+    # The whole of deep supervision: PSPNet's aux head on layer3, its loss resized to the label
+    # (--aux-weight 0: no tap, the plain model).
+    net: nn.Module = DeepSupervision(
+        model,
+        taps={"backbone.layer3": Tap(weight=args.aux_weight)} if args.aux_weight > 0 else {},
+        head=heads.seg(NUM_CLASSES),
+        criterion=nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX),
+        resize="prediction",
+        align_corners=True,
+    )
     if env.device.type == "cuda" and env.world > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net.to(env.device)
@@ -398,20 +397,9 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """SGD with the new layers (pyramid, classifier, aux head) at 10x, poly decay per iteration."""
     options = {"momentum": 0.9, "weight_decay": 1e-4}
-    if isinstance(net, DeepSupervision):
-        groups = deepsup.param_groups(
-            net, lr=args.lr, head_lr_mult=10.0, new_modules=PSPNet.new_modules, **options
-        )
-    else:  # the plain model (--aux-weight 0): the same split without heads
-        new = {id(p) for name in PSPNet.new_modules for p in net.get_submodule(name).parameters()}
-        groups = [
-            {"params": [p for p in net.parameters() if id(p) not in new], "lr": args.lr, **options},
-            {
-                "params": [p for p in net.parameters() if id(p) in new],
-                "lr": 10 * args.lr,
-                **options,
-            },
-        ]
+    groups = deepsup.param_groups(
+        net, lr=args.lr, head_lr_mult=10.0, new_modules=PSPNet.new_modules, **options
+    )
     optimizer = torch.optim.SGD(groups, lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: (1 - min(it, total_iters) / total_iters) ** 0.9
@@ -442,7 +430,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     bare = train_net.module if isinstance(train_net, DistributedDataParallel) else train_net
-    wrapped = isinstance(bare, DeepSupervision)
+    has_aux = bool(bare.taps)  # --aux-weight 0: no tap
     train_net.train()
     sums = torch.zeros(4, dtype=torch.float64)  # loss, main loss, raw aux loss, images
     bar = tqdm(
@@ -460,10 +448,7 @@ def train_one_epoch(
         images = images.to(env.device, non_blocking=True)
         labels = labels.to(env.device, non_blocking=True)
         with autocast(args, env.device):
-            if wrapped:
-                output, aux = train_net(images, target=labels)  # aux: {tap: weighted loss}
-            else:
-                output, aux = train_net(images), None
+            output, aux = train_net(images, target=labels)  # aux: {tap: weighted loss}
             main_loss = criterion(output.float(), labels)
         aux_loss = sum(aux.values()) if aux else torch.zeros((), device=env.device)
         aux_raw = sum(aux.raw.values()).detach() if aux else torch.zeros(())
@@ -475,8 +460,7 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()  # poly decay, per iteration
-        if wrapped:
-            bare.step()  # advances the aux weight's schedule (constant here; kept in checkpoints)
+        bare.step()  # advances the aux weight's schedule (constant here; kept in checkpoints)
 
         n = images.shape[0]
         values = (loss.item(), main_loss.item(), aux_raw.item(), n)
@@ -499,7 +483,7 @@ def train_one_epoch(
     return {
         "loss": sums[0].item() / images_seen,
         "main_loss": sums[1].item() / images_seen,
-        "aux_loss": sums[2].item() / images_seen if wrapped else float("nan"),
+        "aux_loss": sums[2].item() / images_seen if has_aux else float("nan"),
         "imgs_per_s": images_seen / elapsed,
         "train_time_s": elapsed,
     }
@@ -809,12 +793,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"history": history}
     if env.main and history:
         iou = iou_per_class(confusion)
-        plain = (
-            deepsup.model_state_dict(net.state_dict())
-            if isinstance(net, DeepSupervision)
-            else net.state_dict()
-        )
-        save_checkpoint(out / "pspnet_final.pt", plain)
+        save_checkpoint(out / "pspnet_final.pt", deepsup.model_state_dict(net.state_dict()))
         save_overlays(net, val_set, args.overlays, out / "overlays", args, env.device)
         info = {
             "epochs": args.epochs,

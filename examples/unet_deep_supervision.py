@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _shared import format_mean_std
 from torch import nn
 from tqdm import tqdm
 
@@ -166,12 +167,12 @@ class DiceCE(nn.Module):
 # training and evaluation --------------------------------------------------------------------
 
 
-def build(variant: str, seed: int, width: int) -> tuple[nn.Module, nn.Module, float]:
-    """(the trained module, the plain model, the main loss weight) for a variant."""
+def build(variant: str, seed: int, width: int) -> tuple[DeepSupervision, float]:
+    """(the wrapped U-Net, the main loss weight) for a variant; ``no DS`` has no tap."""
     torch.manual_seed(seed)
     model = UNet3D(width=width)
-    if variant == "no DS":
-        return model, model, 1.0
+    if variant == "no DS":  # the plain baseline: a training forward returns (output, {})
+        return DeepSupervision(model, {}), 1.0
     main, weights = scale_weights(TAPS, "halving")  # main 1, dec2 0.5, dec3 0.25
     sup = DeepSupervision(
         model,
@@ -182,7 +183,7 @@ def build(variant: str, seed: int, width: int) -> tuple[nn.Module, nn.Module, fl
         interpolation=variant.split()[1],
         example_input=torch.zeros(1, 1, 16, 16, 16),
     )
-    return sup, model, main
+    return sup, main
 
 
 @torch.no_grad()
@@ -221,7 +222,8 @@ def evaluate(model: nn.Module, data: Sequence[torch.Tensor]) -> dict[str, float]
 def train(
     variant: str, seed: int, args: argparse.Namespace, train_set: Any, val_set: Any
 ) -> dict[str, Any]:
-    net, model, main_weight = build(variant, seed, args.width)
+    net, main_weight = build(variant, seed, args.width)
+    model = net.model
     criterion = DiceCE()
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -239,11 +241,8 @@ def train(
         flips = [d for d in (2, 3, 4) if torch.rand((), generator=g) < 0.5]
         if flips:
             x, y = x.flip(flips), y.flip([d - 1 for d in flips])
-        if isinstance(net, DeepSupervision):
-            out, aux = net(x, target=y)
-            loss = main_weight * criterion(out, y) + sum(aux.values())
-        else:
-            loss = criterion(net(x), y)
+        out, aux = net(x, target=y)
+        loss = main_weight * criterion(out, y) + sum(aux.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -284,12 +283,6 @@ def target_survival(labels: torch.Tensor, lesions: torch.Tensor) -> dict[str, di
 
 
 # reporting --------------------------------------------------------------------------------
-
-
-def mean_std(values: Sequence[float]) -> str:
-    m = statistics.fmean(values)
-    s = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.3f} ± {s:.3f}" if len(values) > 1 else f"{m:.3f}"
 
 
 def plot(runs: dict[str, list[dict[str, Any]]], test_set: Any, out: Path) -> None:
@@ -347,7 +340,7 @@ def print_summary(
         f"{'variant':<12} {'Dice organ':>16} {'Dice lesion':>16} {'lesions found':>16} {'s/run':>7}"
     )
     for v, row in summary.items():
-        cells = " ".join(f"{mean_std(row[k]):>16}" for k in KEYS)
+        cells = " ".join(f"{format_mean_std(row[k], 3, single_std=None):>16}" for k in KEYS)
         print(f"{v:<12} {cells} {statistics.fmean(row['seconds_per_run']):>7.1f}")
     print("\nlesions still present in the training targets at each tap's scale:")
     for rule, scales in survival.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -71,6 +72,10 @@ def test_a_missing_optional_dependency_fails_at_start(
     monkeypatch: pytest.MonkeyPatch,
     module: str,
 ) -> None:
+    # Both imported for real first: matplotlib imports PIL, so a first import of matplotlib with
+    # PIL blocked would fail (and leave half of matplotlib in sys.modules for later tests).
+    for name in ("matplotlib", "PIL"):
+        importlib.import_module(name)
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
     line = usage_error(capsys, ["--out", str(tmp_path)])
     package = {"PIL": "pillow"}.get(module, module)

@@ -69,12 +69,6 @@ def test_unknown_difficulty_is_an_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- sweep
 
 
-def test_epochs_to_fraction() -> None:
-    assert aux_weight_sweep.epochs_to_fraction([10.0, 20.0, 30.0]) == 3
-    assert aux_weight_sweep.epochs_to_fraction([10.0, 28.0, 30.0]) == 2
-    assert aux_weight_sweep.epochs_to_fraction([31.0, 29.0, 30.0]) == 1
-
-
 def test_summary_pairs_each_seed_with_its_own_run_without_aux() -> None:
     rows = [
         {"weight": 0.0, "seed": 0, "final_miou": 10.0, "epoch_90": 4},

@@ -1,0 +1,170 @@
+"""What the examples share: the handwritten digits and their fixed splits, statistics over seeds.
+
+The examples import it as a sibling module (``from _shared import ...``), as they import
+``voc_data``: ``python examples/NAME.py`` works from any folder, and a test or a benchmark puts
+``examples/`` on ``sys.path`` first. (Not ``_common``: ``benchmarks/_common.py`` has that name,
+and the benchmarks import the examples.)
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "epochs_to",
+    "format_mean_std",
+    "mean_std",
+    "permutation_split",
+    "stratified_split",
+    "upscaled_digits",
+]
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def upscaled_digits(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 handwritten digits (8x8 scans that ship with it: no download).
+
+    Args:
+        size: the side the images are upscaled to (bilinear, ``align_corners=False``).
+
+    Returns:
+        The images, ``(1797, 1, size, size)`` float32 in [0, 1], and the labels, ``(1797,)``
+        int64 in [0, 9], in scikit-learn's order.
+
+    Example:
+        >>> x, y = upscaled_digits(12)
+        >>> x.shape, y.shape, x.dtype, y.dtype
+        (torch.Size([1797, 1, 12, 12]), torch.Size([1797]), torch.float32, torch.int64)
+        >>> 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+        True
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x, torch.tensor(digits.target, dtype=torch.long)
+
+
+def permutation_split(
+    n: int, test_size: int, *, seed: int = 1234
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and test indices of ``range(n)``: one fixed random permutation, its first
+    ``test_size`` entries the test set (``deep_plain_net.py``'s split).
+
+    Returns:
+        ``(train, test)``, int64 index tensors, in the permutation's order.
+
+    Example:
+        >>> train, test = permutation_split(10, 3)
+        >>> len(train), len(test), sorted(train.tolist() + test.tolist()) == list(range(10))
+        (7, 3, True)
+        >>> torch.equal(test, permutation_split(10, 3)[1])  # fixed by the seed
+        True
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[test_size:], order[:test_size]
+
+
+def stratified_split(labels: torch.Tensor, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Train, val and test indices, 60/20/20, each with the classes in the shares of ``labels``
+    (``multi_exit_digits.py``'s split): scikit-learn's ``train_test_split`` holds out 40%, then
+    halves it.
+
+    Returns:
+        ``{"train": indices, "val": indices, "test": indices}``, int64 arrays.
+
+    Example:
+        >>> labels = torch.arange(10).repeat(10)  # ten of each class
+        >>> split = stratified_split(labels)
+        >>> {name: len(indices) for name, indices in split.items()}
+        {'train': 60, 'val': 20, 'test': 20}
+        >>> torch.bincount(labels[split["test"]]).tolist()  # two of each class
+        [2, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+    """
+    from sklearn.model_selection import train_test_split
+
+    y = labels.numpy()
+    index = np.arange(len(y))
+    train, rest = train_test_split(index, test_size=0.4, stratify=y, random_state=seed)
+    val, test = train_test_split(rest, test_size=0.5, stratify=y[rest], random_state=seed)
+    return {"train": train, "val": val, "test": test}
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def mean_std(values: Sequence[float], *, single_std: float = 0.0) -> tuple[float, float]:
+    """The mean and the sample standard deviation (``n - 1``) of ``values``, e.g. one per seed.
+
+    Args:
+        values: at least one number.
+        single_std: the standard deviation given for a single value, where none can be measured
+            (``math.nan`` says so).
+
+    Raises:
+        ValueError: ``values`` is empty.
+
+    Example:
+        >>> mean_std([90.0, 92.0])
+        (91.0, 1.4142135623730951)
+        >>> mean_std([90.0]), mean_std([90.0], single_std=math.nan)
+        ((90.0, 0.0), (90.0, nan))
+    """
+    if not values:
+        raise ValueError("mean_std needs at least one value (got none)")
+    spread = statistics.stdev(values) if len(values) > 1 else single_std
+    return statistics.mean(values), spread
+
+
+def format_mean_std(
+    values: Sequence[float], digits: int = 2, *, single_std: float | None = 0.0
+) -> str:
+    """``"mean ± std"`` (:func:`mean_std`) with ``digits`` decimals; ``"-"`` for no values.
+
+    Args:
+        values: the numbers.
+        digits: decimals of both numbers.
+        single_std: the standard deviation shown for a single value (``math.nan``: ``"nan"``),
+            or ``None`` to show a single value alone, without ``±``.
+
+    Example:
+        >>> format_mean_std([90.0, 92.0])
+        '91.00 ± 1.41'
+        >>> format_mean_std([0.5], 3, single_std=None), format_mean_std([0.5], single_std=math.nan)
+        ('0.500', '0.50 ± nan')
+        >>> format_mean_std([])
+        '-'
+    """
+    if not values:
+        return "-"
+    if len(values) == 1 and single_std is None:
+        return f"{values[0]:.{digits}f}"
+    mean, std = mean_std(values, single_std=math.nan if single_std is None else single_std)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def epochs_to(curve: Sequence[float], level: float) -> int | None:
+    """The first epoch (1-based) at which ``curve`` (one value per epoch) reaches ``level``.
+
+    Returns:
+        The epoch, or None when the curve never reaches ``level``.
+
+    Example:
+        >>> epochs_to([0.5, 0.85, 0.93, 0.91], 0.9)
+        3
+        >>> curve = [10.0, 28.0, 30.0]
+        >>> epochs_to(curve, 0.9 * curve[-1])  # 90% of the final value
+        2
+        >>> print(epochs_to([0.5, 0.6], 0.9))
+        None
+    """
+    return next((i + 1 for i, v in enumerate(curve) if v >= level), None)
