@@ -88,31 +88,28 @@ RUN = [case for case in CASES if _kind(case.values[2]) == "python"]
 RUN_WITH_TORCHRUN = [case for case in CASES if _kind(case.values[2]) == "torchrun"]
 
 
-def _paste(code: str, folder: Path) -> Path:
-    """The block pasted into an empty file in an empty folder (its /tmp/ paths moved there)."""
+def _run_alone(launcher: list[str], code: str, folder: Path, name: str) -> None:
+    """The block pasted into an empty file in an empty folder (its /tmp/ paths moved there) and
+    run there by ``launcher`` with this tree's deepsup; fails with the block's output."""
     script = folder / "block.py"
     script.write_text(code.replace("/tmp/", f"{folder}/"))
-    return script
-
-
-def _check(done: subprocess.CompletedProcess[str], name: str) -> None:
-    assert done.returncode == 0, f"{name} failed when run alone:\n{done.stdout}\n{done.stderr}"
-
-
-@pytest.mark.parametrize(("path", "index", "code"), RUN)
-def test_doc_code_blocks_run_alone(path: Path, index: int, code: str, tmp_path: Path) -> None:
-    """Each block runs by itself, as a user pastes it into an empty file: its own process, no
-    names from earlier blocks or from the test, this tree's deepsup."""
     done = subprocess.run(
-        [sys.executable, str(_paste(code, tmp_path))],
-        cwd=tmp_path,
+        [*launcher, str(script)],
+        cwd=folder,
         env=tree_env(OMP_NUM_THREADS="1"),
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
-    _check(done, f"{path.relative_to(ROOT)}[{index}]")
+    assert done.returncode == 0, f"{name} failed when run alone:\n{done.stdout}\n{done.stderr}"
+
+
+@pytest.mark.parametrize(("path", "index", "code"), RUN)
+def test_doc_code_blocks_run_alone(path: Path, index: int, code: str, tmp_path: Path) -> None:
+    """Each block runs by itself, as a user pastes it into an empty file: its own process, no
+    names from earlier blocks or from the test."""
+    _run_alone([sys.executable], code, tmp_path, f"{path.relative_to(ROOT)}[{index}]")
 
 
 @pytest.mark.slow
@@ -120,17 +117,9 @@ def test_doc_code_blocks_run_alone(path: Path, index: int, code: str, tmp_path: 
 @pytest.mark.parametrize(("path", "index", "code"), RUN_WITH_TORCHRUN)
 def test_doc_torchrun_blocks_run_alone(path: Path, index: int, code: str, tmp_path: Path) -> None:
     """A block for torchrun runs as the script it is, on 2 CPU processes (gloo)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(
-        [*cmd, str(_paste(code, tmp_path))],
-        cwd=tmp_path,
-        env=tree_env(OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    _check(done, f"{path.relative_to(ROOT)}[{index}] under torchrun")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    name = f"{path.relative_to(ROOT)}[{index}] under torchrun"
+    _run_alone([*torchrun, "2"], code, tmp_path, name)
 
 
 def test_every_python_block_is_collected_and_checks_its_result() -> None:
