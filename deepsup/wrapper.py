@@ -155,7 +155,7 @@ class DeepSupervision(nn.Module):
     Raises:
         TapNotFoundError: a tap names no submodule (the message lists close matches).
         ChannelInferenceError: a head's input channels cannot be inferred.
-        ConfigError, ConfigTypeError: another argument is wrong (the message says which).
+        ConfigError, ConfigTypeError: another argument is wrong (see ``deepsup._errors``).
 
     Shape:
         Training: ``sup(*args, target=target, **kwargs)`` returns ``(output, aux)``, ``output``
