@@ -251,9 +251,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     total = len(args.weights) * len(args.seeds)
     print(f"aux_weight_sweep: {total} runs, {total - len(todo)} done, {args.jobs} at once, "
           f"{args.threads} thread(s) each; pspnet_voc.py {' '.join(rest)}", flush=True)  # fmt: skip
-    print(f"expected: {len(todo)} runs / {args.jobs} at once x one pspnet_voc.py run each (its "
-          "first line gives its time); the sweep of docs/evidence.md took 60 min at load 5-17. "
-          "A quick sweep: --weights 0 0.4 --seeds 0 -- --epochs 1", flush=True)  # fmt: skip
+    print(f"expected: {len(todo)} runs / {args.jobs} at once x one pspnet_voc.py run each (each "
+          "run's log.txt starts with its own estimate); the sweep of docs/evidence.md took 60 "
+          "min at load 5-17. A quick sweep: --weights 0 0.4 --seeds 0 -- --epochs 1",
+          flush=True)  # fmt: skip
     failed = []
     with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(todo), desc="runs") as bar:
         futures = {pool.submit(launch, w, s, rest, out, args.threads): (w, s) for w, s in todo}

@@ -312,11 +312,11 @@ def plot(runs: dict[str, list[dict[str, Any]]], test_set: Any, out: Path) -> Non
         steps = [s for s, _ in seeds[0]["val_curve"]]
         val = np.mean([[v for _, v in r["val_curve"]] for r in seeds], 0)
         ax2.plot(steps, val, marker="o", ms=3, label=variant)
-    seeds = len(next(iter(runs.values())))
+    count = len(next(iter(runs.values())))  # seeds per variant
     ax1.set(xlabel="step", ylabel="loss (main + weighted aux), log scale", yscale="log")
-    ax1.set_title(f"training loss (moving mean, mean of {seeds} seed(s))", fontsize=10)
+    ax1.set_title(f"training loss (moving mean, mean of {count} seed(s))", fontsize=10)
     ax2.set(xlabel="step", ylabel="lesion Dice", ylim=(0, 1))
-    ax2.set_title(f"validation lesion Dice (mean of {seeds} seed(s))", fontsize=10)
+    ax2.set_title(f"validation lesion Dice (mean of {count} seed(s))", fontsize=10)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
