@@ -284,6 +284,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def split_table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], *, at: int, keys: int = 1
+) -> str:
+    """A wide table as two: the columns before ``at``, then the first ``keys`` columns again
+    with the rest. The documentation page is about 940 px wide at a 1280 px window: a table of
+    more than about eight columns of numbers scrolls sideways there (tests/test_site.py)."""
+    first = table(headers[:at], [row[:at] for row in rows])
+    rest = [[*row[:keys], *row[at:]] for row in rows]
+    return first + "\n\n" + table([*headers[:keys], *headers[at:]], rest)
+
+
 def command_line() -> str:
     """The command that ran this script, as a reader would type it from the repository root."""
     script = Path(sys.argv[0]).resolve()

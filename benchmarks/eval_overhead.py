@@ -24,7 +24,7 @@ from _common import (
     peak_memory,
     pick,
     setup,
-    table,
+    split_table,
     time_target,
     tree_equal,
     verdict,
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "the wrapper and the bare model share the same module (`sup.model`), so the only "
         "differences are the wrapper's `forward` call and the (closed-window) hook on the tapped "
         "module. The resnet18 row times 50 calls per sample to resolve microseconds. Peak memory "
-        "as in the train-step table.\n\n" + table(headers, rows)
+        "as in the train-step table.\n\n" + split_table(headers, rows, at=8)
     )
     return emit(args, "Eval: wrapper vs bare model", body, started=started, targets=targets)
 

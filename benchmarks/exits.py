@@ -113,7 +113,7 @@ def early_exit(*, rounds: int, warmup: int, epochs: int, samples: int) -> tuple[
         + str(measured)
         + "\n\n"
         + table(
-            ["", "model alone", "early exit", "ratio (median [IQR])"],
+            ["per sample", "model alone", "early exit", "ratio (median [IQR])"],
             [
                 [
                     "wall time per sample",

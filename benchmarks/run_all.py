@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "",
         "## Machine",
         "",
-        table(["", ""], list(facts.items())),
+        table(["machine", "value"], list(facts.items())),
         "",
         "## Method",
         "",
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "",
         ]
     if rows:
-        page += ["## Targets", "", table(["target", "measured", "wanted", ""], rows), ""]
+        page += ["## Targets", "", table(["target", "measured", "wanted", "verdict"], rows), ""]
     page += sections
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(page).rstrip() + "\n")

@@ -22,7 +22,7 @@ from _common import (
     peak_memory,
     pick,
     setup,
-    table,
+    split_table,
     time_target,
     verdict,
 )
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "- PSPNet resnet50: the seed's PSPNet (`tests/_seed_pspnet.py`, aux head coded in, weight "
         "0.4; its training forward also takes an argmax of the logits) vs "
         "`deepsup.models.PSPNet` wrapped on `backbone.layer3` with a copy of the seed's aux head, "
-        "`align_corners=True`.\n\n" + table(headers, rows)
+        "`align_corners=True`.\n\n" + split_table(headers, rows, at=7)
     )
     title = "Train step: wrapper vs hand-written aux branch"
     return emit(args, title, body, started=started, targets=targets)

@@ -38,6 +38,7 @@ from statistics import mean
 from typing import Any
 
 import torch
+from _cpu import about  # the helper module next to this file
 from _shared import epochs_to, format_mean_std, permutation_split, upscaled_digits
 from torch import nn
 from tqdm import tqdm
@@ -46,6 +47,9 @@ from deepsup import DeepSupervision, heads, schedules
 from deepsup.diagnostics import gradient_flow
 
 VARIANTS = ("plain", "ds", "ds-decay")
+# Seconds per epoch of one run of the default 10-layer network on one thread, cores free (the
+# project's 2-core AMD EPYC, torch 2.14.1); the start-up line scales it by runs, epochs, depth.
+SECONDS_PER_EPOCH = 0.4
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -78,7 +82,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--test-size", type=int, default=497, help="held-out digits (fixed split)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: the numbers of docs/evidence.md)"
+    )
     p.add_argument("--out", default="runs/deep_plain_net", help="output folder")
     args = p.parse_args(argv)
     if args.depth < 4:
@@ -270,7 +276,10 @@ def flow_report(data: tuple[torch.Tensor, ...], args: argparse.Namespace, out: P
     sup = wrap(model, "ds", args, total_steps=1)
     x, y = data[0][: args.batch_size], data[1][: args.batch_size]
     report = gradient_flow(sup, x, target=y, criterion=nn.CrossEntropyLoss())
-    report.plot(out / "gradient_flow.png")
+    report.plot(
+        out / "gradient_flow.png",
+        title=f"{args.depth}-layer plain network at initialisation: gradient per layer",
+    )
     text = str(report)
     (out / "gradient_flow.txt").write_text(text + "\n")
     return text
@@ -289,9 +298,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{args.taps} at weight {args.aux_weight}; SGD lr {args.lr}, {args.epochs} epochs",
         flush=True,
     )
+    jobs = [(v, s) for s in args.seeds for v in args.variants]
+    seconds = len(jobs) * args.epochs * SECONDS_PER_EPOCH * args.depth / 10
+    print(
+        f"expected: about {about(seconds)} for {len(jobs)} runs of {args.epochs} epochs on "
+        f"{args.threads} thread(s) with the cores free, more when other work shares them; "
+        "--epochs 2 --seeds 0 for a quick run",
+        flush=True,
+    )
     flow = flow_report(data, args, out)
     runs = []
-    jobs = [(v, s) for s in args.seeds for v in args.variants]
     for variant, seed in tqdm(jobs, desc="runs", dynamic_ncols=True):
         runs.append(train(variant, seed, data, args))
         tqdm.write(f"{variant:>9} seed {seed}: test accuracy {100 * runs[-1]['final_acc']:.2f}%")

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from pickle import UnpicklingError
@@ -49,11 +50,12 @@ from zipfile import BadZipFile
 import numpy as np
 import torch
 import torch.distributed as dist
+from _cpu import about, set_threads  # the helper modules next to this file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
-from voc_data import (  # the helper module next to this file
+from voc_data import (
     DIFFICULTIES,
     IGNORE_INDEX,
     NUM_CLASSES,
@@ -66,6 +68,7 @@ from voc_data import (  # the helper module next to this file
     generate_synthetic_voc,
     iou_per_class,
     read_list_file,
+    voc_palette,
     voc_split,
 )
 
@@ -92,9 +95,15 @@ SYNTHETIC = {
     "lr": 0.01,
     "workers": 1,
 }
-# The columns of metrics.csv.
-HISTORY_KEYS = ("epoch", "lr", "loss", "main_loss", "aux_loss", "val_miou", "val_pixel_acc",
-                "imgs_per_s", "train_time_s", "val_time_s")  # fmt: skip
+# Speed of the synthetic configuration's model (resnet18, crop 97, float32) on a CPU with the
+# cores free, by torch threads: training images per second and seconds per validation image.
+# Measured on the project's 2-core AMD EPYC with torch 2.14.1 (docs/pspnet_voc.md); the start-up
+# line scales them to the run's epochs, steps and images.
+CPU_SPEED = {1: (6.5, 0.09), 2: (10.5, 0.07)}
+QUICK_RUN = "--epochs 1 --steps-per-epoch 5 --val-images 10"
+# The columns of metrics.csv (mIoU and pixel accuracy in percent, as the console prints them).
+HISTORY_KEYS = ("epoch", "lr", "loss", "main_loss", "aux_loss", "val_miou_pct",
+                "val_pixel_acc_pct", "imgs_per_s", "train_time_s", "val_time_s")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- configuration
@@ -150,6 +159,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     train.add_argument("--amp", action="store_true", help="autocast: fp16 on CUDA, bf16 on CPU")
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument(
+        "--threads",
+        type=_positive,
+        help="torch threads per process; default: OMP_NUM_THREADS, else the CPUs that other "
+        "work leaves free at start (more threads than free cores slow training down)",
+    )
     train.add_argument("--seed", type=int, default=0)
     out = p.add_argument_group("output")
     out.add_argument("--out", default="runs/pspnet_voc", help="output folder")
@@ -171,6 +186,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.weights and not Path(args.weights).is_file():
         p.error(f"--weights {args.weights!r}: no such file")
     return args
+
+
+def expected_duration(args: argparse.Namespace, threads: int, world: int) -> str:
+    """One line: the run's expected wall time where it was measured (CPU_SPEED), a quick run."""
+    measured = (
+        args.data_root is None
+        and torch.device(args.device).type == "cpu"
+        and (args.backbone, args.crop_size) == (SYNTHETIC["backbone"], SYNTHETIC["crop_size"])
+        and not args.amp
+        and world == 1
+    )
+    if not measured:
+        return (
+            "expected duration: not measured for this configuration (the progress bar shows "
+            f"images/s and the time left); a quick check: {QUICK_RUN}"
+        )
+    steps = args.synthetic_train // args.batch_size
+    if args.steps_per_epoch is not None:
+        steps = min(steps, args.steps_per_epoch)
+    val = min(args.synthetic_val, args.val_images or args.synthetic_val)
+    images_per_s, val_s = CPU_SPEED[min(threads, max(CPU_SPEED))]
+    seconds = args.epochs * (steps * args.batch_size / images_per_s + val * val_s)
+    return (
+        f"expected: about {about(seconds)} on {threads} thread(s) with the cores free, several "
+        f"times longer when other work shares them; a quick check: {QUICK_RUN}"
+    )
 
 
 def _positive(text: str) -> int:
@@ -636,7 +677,7 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
         left.plot(epochs, [h["aux_loss"] for h in history], "s--", label="aux loss (unweighted)")
     left.set(xlabel="epoch", ylabel="cross-entropy", title="training loss")
     left.legend()
-    right.plot(epochs, [100 * h["val_miou"] for h in history], "o-", color="tab:green")
+    right.plot(epochs, [h["val_miou_pct"] for h in history], "o-", color="tab:green")
     right.set(xlabel="epoch", ylabel="mIoU (%)", title="validation mIoU (no aux head)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
@@ -665,7 +706,8 @@ def save_overlays(
         with autocast(args, device):
             pred = net(x[None].to(device)).argmax(1)[0].cpu().numpy()
         panels = [image]
-        for mask in (np.array(label), pred):
+        masks = (np.array(label), pred)
+        for mask in masks:
             shown = Image.fromarray(((mask != 0) * 255).astype(np.uint8))
             panels.append(Image.composite(Image.blend(image, colorize(mask), 0.7), image, shown))
         gap = 4
@@ -676,7 +718,50 @@ def save_overlays(
             scale = 240 / canvas.height
             size = (round(canvas.width * scale), 240)
             canvas = canvas.resize(size, Image.Resampling.NEAREST)
+        titles = ("image", "ground truth", "prediction (no aux head)")
+        canvas = annotate(canvas, titles, legend_entries(masks))
         canvas.save(out / f"{Path(dataset.images[index]).stem}.png")
+
+
+def legend_entries(masks: Sequence[np.ndarray]) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(name, VOC colour)`` of every class the masks show, background left out."""
+    palette = voc_palette()
+    names = {**dict(enumerate(VOC_CLASSES)), IGNORE_INDEX: "ignored (object borders)"}
+    present = sorted(set(np.unique(np.concatenate([m.ravel() for m in masks])).tolist()) - {0})
+    return [(names[c], (palette[3 * c], palette[3 * c + 1], palette[3 * c + 2])) for c in present]
+
+
+def annotate(
+    canvas: Any, titles: Sequence[str], entries: Sequence[tuple[str, tuple[int, int, int]]]
+) -> Any:
+    """The panels with a title above each and a colour legend below (rows as the width needs)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+    line, swatch = 22, 14
+    measure = ImageDraw.Draw(canvas)
+    rows: list[list[tuple[str, tuple[int, int, int], float]]] = [[]]
+    x = 4.0
+    for name, colour in entries:
+        width = swatch + 4 + measure.textlength(name, font=font) + 14
+        if x + width > canvas.width and rows[-1]:
+            rows.append([])
+            x = 4.0
+        rows[-1].append((name, colour, x))
+        x += width
+    out = Image.new("RGB", (canvas.width, canvas.height + line * (1 + len(rows))), "white")
+    out.paste(canvas, (0, line))
+    draw = ImageDraw.Draw(out)
+    panel = canvas.width / len(titles)
+    for i, title in enumerate(titles):
+        draw.text(((i + 0.5) * panel, line / 2), title, fill="black", font=font, anchor="mm")
+    for r, row in enumerate(rows):
+        y = line + canvas.height + r * line + line / 2
+        for name, colour, x in row:
+            box = (x, y - swatch / 2, x + swatch, y + swatch / 2)
+            draw.rectangle(box, fill=colour, outline="black")
+            draw.text((x + swatch + 4, y), name, fill="black", font=font, anchor="lm")
+    return out
 
 
 def format_summary(iou: torch.Tensor, history: list[dict[str, float]], info: dict[str, Any]) -> str:
@@ -687,10 +772,10 @@ def format_summary(iou: torch.Tensor, history: list[dict[str, float]], info: dic
     last = history[-1]
     lines += [
         "-" * 22,
-        f"{'mIoU':<14}{100 * last['val_miou']:>8.2f}   (mean over the {present} classes present)",
-        f"{'pixel acc.':<14}{100 * last['val_pixel_acc']:>8.2f}",
+        f"{'mIoU':<14}{last['val_miou_pct']:>8.2f}   (mean over the {present} classes present)",
+        f"{'pixel acc.':<14}{last['val_pixel_acc_pct']:>8.2f}",
         "",
-        f"best mIoU {100 * max(h['val_miou'] for h in history):.2f} | epochs {info['epochs']} | "
+        f"best mIoU {max(h['val_miou_pct'] for h in history):.2f} | epochs {info['epochs']} | "
         f"iterations {info['iterations']} | {info['imgs_per_s']:.1f} imgs/s | "
         f"wall time {info['wall_time_s']:.0f} s",
         f"outputs in {info['out']}",
@@ -715,6 +800,7 @@ def _no_nan(obj: Any) -> Any:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     wall_start = time.perf_counter()
+    threads_line = set_threads(args.threads)
     env = Dist(args.device)
     out = Path(args.out)
     random.seed(args.seed)
@@ -725,6 +811,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config = dict(vars(args))
         config.update(world_size=env.world, data="real VOC" if args.data_root else "synthetic VOC")
         print("pspnet_voc: " + ", ".join(f"{k}={v}" for k, v in config.items()), flush=True)
+        print(threads_line, flush=True)
+        print(expected_duration(args, torch.get_num_threads(), env.world), flush=True)
         if args.data_root and not args.weights:
             warnings.warn(
                 "no --weights: the backbone starts from scratch, while the reference "
@@ -758,19 +846,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tick = time.perf_counter()
         confusion = evaluate(net, val_set, args, env)
         iou = iou_per_class(confusion)
+        pixel_acc = float(confusion.diagonal().sum() / confusion.sum().clamp(min=1))
         stats.update(
             val_time_s=time.perf_counter() - tick,
             epoch=epoch + 1,
             lr=scheduler.get_last_lr()[0],
-            val_miou=float(iou.nanmean()),
-            val_pixel_acc=float(confusion.diagonal().sum() / confusion.sum().clamp(min=1)),
+            val_miou_pct=100 * float(iou.nanmean()),
+            val_pixel_acc_pct=100 * pixel_acc,
         )
         history.append({key: stats[key] for key in HISTORY_KEYS})
         rng = env.gather(rng_state())
         if env.main:
             print(
                 f"epoch {epoch + 1}: loss {stats['loss']:.4f}, main {stats['main_loss']:.4f}, "
-                f"aux {stats['aux_loss']:.4f}, val mIoU {100 * stats['val_miou']:.2f}",
+                f"aux {stats['aux_loss']:.4f}, val mIoU {stats['val_miou_pct']:.2f}",
                 flush=True,
             )
             checkpoint = {
@@ -804,8 +893,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         result.update(
             info,
-            miou=history[-1]["val_miou"],
-            iou=dict(zip(VOC_CLASSES, iou.tolist(), strict=True)),
+            miou_pct=history[-1]["val_miou_pct"],
+            iou_pct=dict(zip(VOC_CLASSES, (100 * iou).tolist(), strict=True)),
         )
         report = {**result, "config": vars(args)}
         (out / "results.json").write_text(json.dumps(_no_nan(report), indent=2))

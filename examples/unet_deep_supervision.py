@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _cpu import about, set_threads  # the helper module next to this file
 from _shared import format_mean_std
 from torch import nn
 from tqdm import tqdm
@@ -52,6 +53,9 @@ from deepsup.multiscale import downsample, scale_weights
 CLASSES = ("background", "organ", "lesion")
 VARIANTS = ("no DS", "DS nearest", "DS soft", "DS max")
 TAPS = ["dec2", "dec3"]  # decoder stages at 1/2 and 1/4 resolution, finest first
+# Seconds per training step (with its share of validation) at --size 24, the cores free (the
+# project's 2-core AMD EPYC, torch 2.14.1); the start-up line scales it by runs, steps, volume.
+SECONDS_PER_STEP = 0.1
 
 
 # data -------------------------------------------------------------------------------------
@@ -290,6 +294,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], test_set: Any, out: Path) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
     for variant, seeds in runs.items():
@@ -300,9 +305,14 @@ def plot(runs: dict[str, list[dict[str, Any]]], test_set: Any, out: Path) -> Non
         steps = [s for s, _ in seeds[0]["val_curve"]]
         val = np.mean([[v for _, v in r["val_curve"]] for r in seeds], 0)
         ax2.plot(steps, val, marker="o", ms=3, label=variant)
-    ax1.set(xlabel="step", ylabel="training loss (main + aux)", yscale="log")
-    ax2.set(xlabel="step", ylabel="validation lesion Dice")
-    ax2.legend(fontsize=8)
+    count = len(next(iter(runs.values())))  # seeds per variant
+    ax1.set(xlabel="step", ylabel="loss (main + weighted aux), log scale", yscale="log")
+    ax1.set_title(f"training loss (moving mean, mean of {count} seed(s))", fontsize=10)
+    ax2.set(xlabel="step", ylabel="lesion Dice", ylim=(0, 1))
+    ax2.set_title(f"validation lesion Dice (mean of {count} seed(s))", fontsize=10)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=80)
     plt.close(fig)
@@ -312,15 +322,19 @@ def plot(runs: dict[str, list[dict[str, Any]]], test_set: Any, out: Path) -> Non
     z = int((labels[i] == 2).sum((1, 2)).argmax())
     preds = {v: predict(runs[v][0]["model"], images[i : i + 1])[0] for v in runs}
     panels = [("image", None), ("truth", labels[i]), *((v, p) for v, p in preds.items())]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.1 * len(panels), 2.3))
-    cmap = matplotlib.colors.ListedColormap([(0, 0, 0, 0), (0.2, 0.6, 1, 0.45), (1, 0.2, 0.1, 0.9)])
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.1 * len(panels), 2.8))
+    colours = [(0, 0, 0, 0), (0.2, 0.6, 1, 0.45), (1, 0.2, 0.1, 0.9)]
+    cmap = matplotlib.colors.ListedColormap(colours)
     for ax, (title, lab) in zip(axes, panels):
         ax.imshow(images[i, 0, z].numpy(), cmap="gray")
         if lab is not None:
             ax.imshow(lab[z].numpy(), cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
+    patches = [Patch(color=c, label=n) for c, n in zip(colours[1:], CLASSES[1:])]
+    fig.legend(handles=patches, loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.suptitle(f"test volume {i}, slice {z}: truth and each variant's prediction", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(out / "overlay.png", dpi=80)
     plt.close(fig)
 
@@ -391,7 +405,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test", type=int, default=12, help="test volumes")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads; default: OMP_NUM_THREADS, else the CPUs free at start",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/unet_ds"))
     p.add_argument(
         "--combine", type=Path, nargs="+", metavar="DIR",
@@ -411,8 +430,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.combine:
         return combine(args.combine, args.out)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    print(set_threads(args.threads), flush=True)
+    runs_count = len(args.seeds) * len(args.variants)
+    seconds = runs_count * args.steps * SECONDS_PER_STEP * (args.size / 24) ** 3
+    print(
+        f"expected: about {about(seconds)} for {runs_count} runs of {args.steps} steps with the "
+        "cores free, more when other work shares them; --steps 25 for a quick run",
+        flush=True,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train_set = make_set(args.train, args.size, seed=1000)

@@ -10,11 +10,15 @@ import importlib.util
 import inspect
 import pkgutil
 import re
+import subprocess
+import sys
+import textwrap
 import types
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tree_env
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,28 +62,64 @@ def _contract_namespace() -> dict[str, object]:
 
 def _blocks(path: Path) -> list[str]:
     """The python blocks of a Markdown file, with snippet lines replaced by the file they name."""
-    blocks = FENCE.findall(path.read_text())
+    blocks = [textwrap.dedent(code) for code in FENCE.findall(path.read_text())]  # in a list
     return [SNIPPET.sub(lambda m: (ROOT / m.group(1)).read_text(), code) for code in blocks]
 
 
-def _needs_contract_names(code: str) -> bool:
-    return "model," in code and "import" in code and "model =" not in code
+# The first line of a block that cannot run as pasted here says so, and why: "# not run: <why>"
+# (a GPU, a data set, a download); "# run with: torchrun ..." marks a script for torchrun.
+NOT_RUN = re.compile(r"^# not run[^:\n]*: \S")
+TORCHRUN = "# run with: torchrun"
+
+
+def _kind(code: str) -> str:
+    if code.startswith("# not run"):
+        return "not run"
+    return "torchrun" if code.startswith(TORCHRUN) else "python"
 
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CASES = [
-    pytest.param(path, i, code, id=f"{path.name}-{i}")
+    pytest.param(path, i, code, id=f"{path.relative_to(ROOT)}-{i}")
     for path in DOCS
     for i, code in enumerate(_blocks(path))
-    if "# not run" not in code
 ]
+RUN = [case for case in CASES if _kind(case.values[2]) == "python"]
+RUN_WITH_TORCHRUN = [case for case in CASES if _kind(case.values[2]) == "torchrun"]
 
 
-@pytest.mark.parametrize(("path", "index", "code"), CASES)
-def test_doc_code_blocks_run(path: Path, index: int, code: str, tmp_path: Path) -> None:
-    namespace = _contract_namespace() if _needs_contract_names(code) else {}
-    code = code.replace("/tmp/", f"{tmp_path}/")
-    exec(compile(code, f"{path.name}[{index}]", "exec"), namespace)
+def _run_alone(launcher: list[str], code: str, folder: Path, name: str) -> None:
+    """The block pasted into an empty file in an empty folder (its /tmp/ paths moved there) and
+    run there by ``launcher`` with this tree's deepsup; fails with the block's output."""
+    script = folder / "block.py"
+    script.write_text(code.replace("/tmp/", f"{folder}/"))
+    done = subprocess.run(
+        [*launcher, str(script)],
+        cwd=folder,
+        env=tree_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, f"{name} failed when run alone:\n{done.stdout}\n{done.stderr}"
+
+
+@pytest.mark.parametrize(("path", "index", "code"), RUN)
+def test_doc_code_blocks_run_alone(path: Path, index: int, code: str, tmp_path: Path) -> None:
+    """Each block runs by itself, as a user pastes it into an empty file: its own process, no
+    names from earlier blocks or from the test."""
+    _run_alone([sys.executable], code, tmp_path, f"{path.relative_to(ROOT)}[{index}]")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize(("path", "index", "code"), RUN_WITH_TORCHRUN)
+def test_doc_torchrun_blocks_run_alone(path: Path, index: int, code: str, tmp_path: Path) -> None:
+    """A block for torchrun runs as the script it is, on 2 CPU processes (gloo)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    name = f"{path.relative_to(ROOT)}[{index}] under torchrun"
+    _run_alone([*torchrun, "2"], code, tmp_path, name)
 
 
 def test_every_python_block_is_collected_and_checks_its_result() -> None:
@@ -88,11 +128,19 @@ def test_every_python_block_is_collected_and_checks_its_result() -> None:
         assert path.read_text().count("```python") == len(_blocks(path)), path.name
     silent = [
         case.id
-        for case in CASES
+        for case in RUN + RUN_WITH_TORCHRUN
         if not re.search(r"^\s*(assert |raise AssertionError)", case.values[2], re.M)
     ]
     assert silent == [], f"doc blocks that assert nothing: {silent}"
-    assert {case.values[0].name for case in CASES} >= {"README.md", "concepts.md", "recipes.md"}
+    assert {case.values[0].name for case in RUN} >= {"README.md", "concepts.md", "recipes.md"}
+    unexplained = [
+        case.id
+        for case in CASES
+        if _kind(case.values[2]) == "not run" and not NOT_RUN.match(case.values[2])
+    ]
+    assert unexplained == [], f"'# not run' blocks that do not say why on that line: {unexplained}"
+    hidden = [case.id for case in RUN if "# not run" in case.values[2]]
+    assert hidden == [], f"'# not run' below the first line (the block runs): {hidden}"
 
 
 @pytest.mark.skipif(not CONTRACT.exists(), reason="../shared/design/API.md is not beside the repo")
@@ -246,6 +294,13 @@ def test_the_plotted_weights_are_the_schedules_values(tmp_path: Path) -> None:
     written = plots.plot_all(tmp_path)
     assert sorted(p.name for p in written) == sorted(f"{n}.png" for n in plots.schedule_classes())
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
+def test_the_voc_samples_figure_is_drawn_from_the_generator(tmp_path: Path) -> None:
+    samples = _load_script("plot_voc_samples")
+    written = samples.plot_samples(tmp_path / "samples.png", count=2)
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](img/voc_hard_samples.png)" in (ROOT / "docs" / "evidence.md").read_text()
 
 
 def test_snippet_lines_are_replaced_by_the_file() -> None:

@@ -89,11 +89,15 @@ def test_sweep_owns_the_per_run_flags(flag: str) -> None:
 
 
 @pytest.mark.slow
-def test_sweep_runs_resumes_and_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sweep_runs_resumes_and_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "sweep"
     argv = ["--weights", "0", "0.5", "--seeds", "0", "--jobs", "2", "--out", str(out)]
     text = aux_weight_sweep.main([*argv, "--", *TINY_VOC])
+    second = capsys.readouterr().out.splitlines()[1]
+    assert second.startswith("expected: 2 runs / 2 at once x one pspnet_voc.py run each")
 
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
@@ -102,7 +106,7 @@ def test_sweep_runs_resumes_and_reports(tmp_path: Path, monkeypatch: pytest.Monk
         run = out / f"w{float(r['weight']):g}-s{r['seed']}"
         with open(run / "metrics.csv") as f:
             history = list(csv.DictReader(f))
-        assert float(r["final_miou"]) == pytest.approx(100 * float(history[-1]["val_miou"]))
+        assert float(r["final_miou"]) == pytest.approx(float(history[-1]["val_miou_pct"]))
         assert len(r["curve"].split()) == int(r["epochs"]) == 2
         config = json.loads((run / "results.json").read_text())["config"]
         assert config["aux_weight"] == float(r["weight"]) and config["seed"] == int(r["seed"])
@@ -139,10 +143,15 @@ def test_digits_split_is_fixed_and_disjoint() -> None:
 
 
 @pytest.mark.slow
-def test_deep_plain_net_runs_all_variants(tmp_path: Path) -> None:
+def test_deep_plain_net_runs_all_variants(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = ["--depth", "6", "--width", "4", "--epochs", "2", "--seeds", "0", "1",
             "--test-size", "200", "--size", "8", "--out", str(tmp_path)]  # fmt: skip
     result = deep_plain_net.main(argv)
+    second = capsys.readouterr().out.splitlines()[1]  # after the set-up line, before training
+    assert second.startswith("expected: about 3 s for 6 runs of 2 epochs on 1 thread(s)")
+    assert second.endswith("--epochs 2 --seeds 0 for a quick run")
     runs = result["runs"]
     assert [(r["variant"], r["seed"]) for r in runs] == [
         (v, s) for s in (0, 1) for v in ("plain", "ds", "ds-decay")

@@ -20,7 +20,8 @@ LINE = re.compile(r"^step +(\d+)  main (\S+)  aux layer2 (\S+)  aux layer3 (\S+)
 
 
 def test_it_fits_on_one_screen() -> None:
-    assert len(SCRIPT.read_text().splitlines()) < 60
+    # 59 lines before the thread default and the start-up line (issue 20) took three more
+    assert len(SCRIPT.read_text().splitlines()) < 63
 
 
 def test_the_label_is_the_quadrant_with_the_bright_square() -> None:
@@ -43,6 +44,7 @@ def test_the_script_prints_main_and_aux_losses_and_an_accuracy() -> None:
         check=True,
         timeout=300,
     )
+    assert result.stdout.startswith("3 steps, 1 thread(s): ~8 s for 30 on a free core; or --steps")
     rows = LINE.findall(result.stdout)
     assert [int(r[0]) for r in rows] == [0, 2]  # every 10th step and the last
     for _, *losses in rows:

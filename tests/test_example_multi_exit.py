@@ -63,3 +63,6 @@ def test_a_tiny_run_writes_its_results(tmp_path: Path, capsys: pytest.CaptureFix
         assert (tmp_path / name).stat().st_size > 0
     out = capsys.readouterr().out
     assert "Test accuracy per exit" in out and "Early exit on test" in out
+    first = out.splitlines()[1]  # after the split sizes, before any training
+    assert first.startswith("expected: about 10 s for 3 runs of 1 epochs on 1 thread(s)")
+    assert first.endswith("--epochs 1 --seeds 0 for a smoke run")

@@ -204,13 +204,17 @@ def test_tiny_run_writes_every_output(
     out = tmp_path / "out"
     extra = ["--amp"] if amp else []  # bf16 autocast on CPU
     result = run(out, cache_dir, "--epochs", "2", "--aux-weight", aux_weight, *extra)
-    assert 0.0 <= result["miou"] <= 1.0
+    assert 0.0 <= result["miou_pct"] <= 100.0
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert {"loss", "main_loss", "aux_loss", "val_miou", "lr", "imgs_per_s"} <= set(rows[0])
+    assert {"loss", "main_loss", "aux_loss", "val_miou_pct", "lr", "imgs_per_s"} <= set(rows[0])
+    # percent, as the console prints it: the last row is the run's mIoU and its pixel accuracy
+    assert float(rows[-1]["val_miou_pct"]) == pytest.approx(result["miou_pct"])
+    assert 1.0 < float(rows[-1]["val_pixel_acc_pct"]) <= 100.0
     report = json.loads((out / "results.json").read_text())
-    assert report["iou"]["background"] is not None and report["iou"]["cow"] is None
+    assert report["iou_pct"]["background"] is not None and report["iou_pct"]["cow"] is None
+    assert report["miou_pct"] == pytest.approx(result["miou_pct"])
     assert (out / "curves.png").stat().st_size > 0
     assert len(list((out / "overlays").glob("*.png"))) == 1
 

@@ -65,10 +65,16 @@ def test_metrics() -> None:
 
 
 @pytest.mark.slow
-def test_tiny_run_writes_results_and_figures(tmp_path: Path) -> None:
+def test_tiny_run_writes_results_and_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = ["--steps", "2", "--train", "2", "--val", "1", "--test", "1", "--size", "16",
             "--width", "2", "--eval-every", "1", "--out", str(tmp_path)]  # fmt: skip
     result = ex.main(args)
+    threads, expected = capsys.readouterr().out.splitlines()[:2]  # before any training
+    assert threads.startswith("torch threads: ") and threads.endswith(")")
+    assert expected.startswith("expected: about 0 s for 4 runs of 2 steps")
+    assert expected.endswith("--steps 25 for a quick run")
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["test"]) == set(ex.VARIANTS)
     for row in saved["test"].values():

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import pkgutil
 import re
 import types
 from typing import Any
+
+from torch import nn
 
 MARKER = "<!-- deepsup-api -->"
 
@@ -106,6 +109,21 @@ def top_level_groups(package: types.ModuleType) -> list[tuple[str, list[str]]]:
     return groups
 
 
+def torch_protocol_methods(obj: Any) -> list[str]:
+    """Public methods a class overrides from ``torch.nn.Module`` (``forward``,
+    ``get_extra_state``, ...): torch's protocol, documented by torch; the class docstring says
+    what calling the module does. The API page leaves them out."""
+    if not inspect.isclass(obj) or not issubclass(obj, nn.Module):
+        return []
+    return sorted(n for n in vars(obj) if not n.startswith("_") and hasattr(nn.Module, n))
+
+
+def _filters(objects: list[Any]) -> str:
+    """mkdocstrings' ``filters`` option: private names and torch's protocol methods left out."""
+    hidden = sorted({n for obj in objects for n in torch_protocol_methods(obj)})
+    return json.dumps(["!^_", *(f"!^{n}$" for n in hidden)])
+
+
 def api_markdown(package_name: str = "deepsup") -> str:
     """The Markdown of the API reference: headings and mkdocstrings directives."""
     package = importlib.import_module(package_name)
@@ -113,7 +131,11 @@ def api_markdown(package_name: str = "deepsup") -> str:
     lines: list[str] = []
     for title, names in top_level_groups(package):
         lines += [f"## {title}", ""]
-        lines += [f"::: {package_name}.{name}\n" for name in names]
+        for name in names:
+            lines.append(f"::: {package_name}.{name}")
+            if torch_protocol_methods(getattr(package, name)):
+                lines += ["    options:", f"      filters: {_filters([getattr(package, name)])}"]
+            lines.append("")
     for sub in public_submodules(package):
         listed = getattr(sub, "__all__", None)
         own = [n for n in listed or [] if id(getattr(sub, n)) not in top]
@@ -129,6 +151,7 @@ def api_markdown(package_name: str = "deepsup") -> str:
             "      heading_level: 2",
             "      show_symbol_type_heading: false",
             f"      members: {members}",
+            f"      filters: {_filters([getattr(sub, n) for n in own])}",
             "",
         ]
         if shown_above:
@@ -144,5 +167,20 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     return markdown
 
 
-if __name__ == "__main__":
-    print(api_markdown())
+# Hover titles name objects by their defining path: a cross-reference gets
+# title="deepsup.TapInfo dataclass (deepsup._discovery.TapInfo)", a type alias of a signature
+# title="deepsup._taps.TapsArg". Private modules are not for users (STYLE.md): the titles keep
+# the public path, or the bare name where there is none.
+_TITLE = re.compile(r'title="([^"]*)"')
+_PRIVATE_IN_PARENS = re.compile(r"\s*\((?:\w+\.)*_[A-Za-z]\w*\.[\w.]+\)")
+_PRIVATE_PATH = re.compile(r"\b(?:\w+\.)+_[A-Za-z]\w*\.((?:\w+\.)*\w+)")
+
+
+def _public_title(match: re.Match[str]) -> str:
+    title = _PRIVATE_PATH.sub(r"\1", _PRIVATE_IN_PARENS.sub("", match.group(1)))
+    return f'title="{" ".join(title.split())}"'
+
+
+def on_post_page(output: str, page: Any, config: Any) -> str:
+    """MkDocs event: no private module paths in the pages' hover titles."""
+    return _TITLE.sub(_public_title, output)
