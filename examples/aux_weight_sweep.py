@@ -32,8 +32,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
-from _cpu import free_cpus  # the helper module next to this file
-from _shared import epochs_to, format_mean_std
+from _shared import epochs_to, format_mean_std, free_cpus
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent

@@ -38,8 +38,7 @@ from statistics import mean
 from typing import Any
 
 import torch
-from _cpu import about  # the helper module next to this file
-from _shared import epochs_to, format_mean_std, permutation_split, upscaled_digits
+from _shared import about, epochs_to, format_mean_std, permutation_split, upscaled_digits
 from torch import nn
 from tqdm import tqdm
 

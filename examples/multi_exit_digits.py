@@ -36,8 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _cpu import about  # the helper module next to this file
-from _shared import mean_std, stratified_split, upscaled_digits
+from _shared import about, mean_std, stratified_split, upscaled_digits
 from torch import nn
 from tqdm import tqdm
 

@@ -50,7 +50,7 @@ from zipfile import BadZipFile
 import numpy as np
 import torch
 import torch.distributed as dist
-from _cpu import about, set_threads  # the helper modules next to this file
+from _shared import about, set_threads
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset

@@ -42,8 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _cpu import about, set_threads  # the helper module next to this file
-from _shared import format_mean_std
+from _shared import about, format_mean_std, set_threads
 from torch import nn
 from tqdm import tqdm
 

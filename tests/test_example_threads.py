@@ -13,7 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-import _cpu  # noqa: E402
+import _shared  # noqa: E402
 import pspnet_voc  # noqa: E402
 
 
@@ -32,15 +32,15 @@ def restore_threads() -> object:
 def test_free_cpus_leaves_the_busy_cores_alone(
     monkeypatch: pytest.MonkeyPatch, cpus: int, load: float | None, free: int
 ) -> None:
-    monkeypatch.setattr(_cpu, "usable_cpus", lambda: cpus)
-    monkeypatch.setattr(_cpu, "load_average", lambda: load)
-    assert _cpu.free_cpus() == free
+    monkeypatch.setattr(_shared, "usable_cpus", lambda: cpus)
+    monkeypatch.setattr(_shared, "load_average", lambda: load)
+    assert _shared.free_cpus() == free
 
 
 def test_usable_cpus_is_this_process_affinity() -> None:
     if hasattr(os, "sched_getaffinity"):
-        assert _cpu.usable_cpus() == len(os.sched_getaffinity(0))
-    assert 1 <= _cpu.usable_cpus() <= (os.cpu_count() or 1)
+        assert _shared.usable_cpus() == len(os.sched_getaffinity(0))
+    assert 1 <= _shared.usable_cpus() <= (os.cpu_count() or 1)
 
 
 @pytest.mark.usefixtures("restore_threads")
@@ -48,23 +48,23 @@ def test_set_threads_takes_the_free_cpus_shared_by_torchrun_processes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(_cpu, "usable_cpus", lambda: 8)
-    monkeypatch.setattr(_cpu, "load_average", lambda: 1.7)
-    line = _cpu.set_threads(None)
+    monkeypatch.setattr(_shared, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(_shared, "load_average", lambda: 1.7)
+    line = _shared.set_threads(None)
     assert torch.get_num_threads() == 6
     assert line == "torch threads: 6 (6 of 8 CPUs free at load average 1.7; --threads N to change)"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert _cpu.set_threads(None).startswith("torch threads: 1 (6 of 8 CPUs free")
+    assert _shared.set_threads(None).startswith("torch threads: 1 (6 of 8 CPUs free")
     assert torch.get_num_threads() == 1  # 6 free cores among 4 processes: 1 each, never 2
 
 
 @pytest.mark.usefixtures("restore_threads")
 def test_set_threads_keeps_an_explicit_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_cpu, "load_average", lambda: 50.0)
-    assert _cpu.set_threads(2) == "torch threads: 2 (--threads)"
+    monkeypatch.setattr(_shared, "load_average", lambda: 50.0)
+    assert _shared.set_threads(2) == "torch threads: 2 (--threads)"
     assert torch.get_num_threads() == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert _cpu.set_threads(None) == "torch threads: 2 (OMP_NUM_THREADS)"
+    assert _shared.set_threads(None) == "torch threads: 2 (OMP_NUM_THREADS)"
 
 
 def test_the_pspnet_estimate_scales_with_the_run_and_the_threads() -> None:
