@@ -287,7 +287,12 @@ def resolve(
     if shape is not None and len(shape) <= 2:  # (B, C): both layouts; (B,): no channels
         return Resolved("NCHW", int(shape[1]) if len(shape) == 2 else None)
     ev = _evidence(model, name, module)
-    inferred = _from_shape(name, tuple(shape), ev) if shape is not None else _without_shape(ev)
+    if declared is not None:  # taken as given: an ambiguous shape is what it settles
+        inferred: Layout | None = declared
+    elif shape is not None:
+        inferred = _from_shape(name, tuple(shape), ev, settled=head_declared)
+    else:
+        inferred = _without_shape(ev)
     layout = declared or head_declared or inferred
     if (
         declared is None
@@ -318,8 +323,13 @@ def _without_shape(ev: _Evidence) -> Layout | None:
     return "NCHW" if ev.timm_stage else None  # timm's format of feature maps (ConvNeXt)
 
 
-def _from_shape(name: str, shape: tuple[int, ...], ev: _Evidence) -> Layout | None:
-    """The layout a dry-run shape of 3+ dims supports, given what the layers say."""
+def _from_shape(
+    name: str, shape: tuple[int, ...], ev: _Evidence, *, settled: Layout | None = None
+) -> Layout | None:
+    """The layout a dry-run shape of 3+ dims supports, given what the layers say.
+
+    ``settled`` (a head's declared layout) decides a shape that fits both layouts.
+    """
     first, last = shape[1] in ev.counts, shape[-1] in ev.counts
     if first != last:
         return "NCHW" if first else "NHWC"
@@ -327,6 +337,8 @@ def _from_shape(name: str, shape: tuple[int, ...], ev: _Evidence) -> Layout | No
     if default is None and not first and ev.previous is not None:
         default = ev.previous.layout  # a module of its own (a concat): the layout flowing in
     if default is None and first and last:
+        if settled is not None:
+            return settled
         raise ConfigError(
             f"tap {name!r}: its output of shape {shape} has the layers' channel count "
             f"{sorted(ev.counts)} both at dim 1 and last, so where its channels are stays "

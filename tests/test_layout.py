@@ -374,3 +374,31 @@ def test_channel_inference_error_still_names_what_to_pass() -> None:
     sup = DeepSupervision(model, "1", head=heads.classification(2),
                           example_input=torch.randn(2, 3, 5, 5))  # fmt: skip
     assert sup.heads["1"].fc.in_features == 8 and sup.taps["1"].layout == "NCHW"
+
+
+class _Mixed(nn.Module):
+    """Conv and Linear layers of 8 channels each: its layers say nothing about the layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.lin = nn.Conv2d(3, 8, 1), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_a_declared_layout_settles_a_shape_with_the_channel_count_at_both_ends() -> None:
+    from deepsup._layout import Resolved, resolve
+
+    model = nn.Sequential(_Mixed())
+    shape = (2, 8, 5, 8)
+    with pytest.raises(ConfigError, match="ambiguous"):
+        resolve(model, "0", model[0], shape=shape)
+    assert resolve(model, "0", model[0], shape=shape, declared="NHWC") == Resolved("NHWC", 8)
+    assert resolve(model, "0", model[0], shape=shape, head_declared="NCHW") == Resolved("NCHW", 8)
+    x = torch.randn(2, 3, 5, 8)
+    sup = DeepSupervision(model, {"0": Tap(0.4, layout="NCHW")}, head=heads.classification(3),
+                          example_input=x)  # fmt: skip
+    assert sup.taps["0"].layout == "NCHW"
+    with pytest.raises(ConfigError, match=r"ambiguous.*Tap\(layout="):
+        DeepSupervision(model, {"0": 0.4}, head=heads.classification(3), example_input=x)
