@@ -79,44 +79,41 @@ class Mutation(NamedTuple):
     replacement: str
 
 
-W, C, T, R, S, CH = (
-    "deepsup/wrapper.py",
-    "deepsup/_capture.py",
-    "deepsup/_taps.py",
-    "deepsup/_resize.py",
-    "deepsup/schedules.py",
-    "deepsup/_channels.py",
+W, C, S = "deepsup/wrapper.py", "deepsup/_capture.py", "deepsup/schedules.py"
+CFG, N, B = "deepsup/_config.py", "deepsup/_names.py", "deepsup/_build.py"
+F, TG, L = "deepsup/functional.py", "deepsup/_targets.py", "deepsup/_layout.py"
+WT, X, CAL = "deepsup/_weights.py", "deepsup/exits.py", "deepsup/_calibration.py"
+LO, D, MS, H = (
+    "deepsup/losses.py",
+    "deepsup/diagnostics.py",
+    "deepsup/multiscale.py",
+    "deepsup/heads.py",
 )
 
 MUTATIONS: list[Mutation] = [
-    # wrapper.py -------------------------------------------------------------------------------
+    # wrapper.py -----------------------------------------------------------------------------------
     Mutation(
         "wrapper.tap-resize-ignored",
-        T,
+        CFG,
         "tap_resize = pick(tap.resize, resize)",
         "tap_resize = resize",
     ),
     Mutation(
         "wrapper.tap-align-corners-ignored",
-        T,
+        CFG,
         "align_corners=bool(pick(tap.align_corners, align_corners)),",
         "align_corners=bool(align_corners),",
     ),
-    Mutation(
-        "wrapper.tap-calls-ignored",
-        T,
-        "calls=pick(tap.calls, calls),",
-        "calls=calls,",
-    ),
+    Mutation("wrapper.tap-calls-ignored", CFG, "calls=pick(tap.calls, calls),", "calls=calls,"),
     Mutation(
         "wrapper.tap-clone-ignored",
-        T,
+        CFG,
         "clone=bool(pick(tap.clone, clone)),",
         "clone=bool(clone),",
     ),
     Mutation(
         "wrapper.tap-criterion-ignored",
-        T,
+        CFG,
         "crit = pick(tap.criterion, criterion)",
         "crit = criterion",
     ),
@@ -128,16 +125,11 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "wrapper.feature-info-disabled",
-        CH,
-        "channels = from_feature_info(model, name)",
-        "channels = None",
+        L,
+        "stage, fmt, count = _timm(model, name)",
+        "stage, fmt, count = False, None, None",
     ),
-    Mutation(
-        "wrapper.dry-run-shape-ignored",
-        CH,
-        "if shape is not None and len(shape) > 1:",
-        "if False:",
-    ),
+    Mutation("wrapper.dry-run-shape-ignored", B, "shape=shapes.get(name),", "shape=None,"),
     Mutation("wrapper.dry-run-modes-not-restored", C, "m.training = mode", "pass"),
     Mutation(
         "wrapper.dry-run-with-grad",
@@ -147,7 +139,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "wrapper.shared-head-not-copied",
-        W,
+        B,
         "copy.deepcopy(spec) if uses[id(spec)] > 1 else spec",
         "spec",
     ),
@@ -156,14 +148,14 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "wrapper.weight-not-applied",
         W,
-        "losses[name] = _weighted(loss, self._weight_values[i])",
+        "losses[name] = DF.weighted(loss, self._weight_values[i])",
         "losses[name] = loss",
     ),
     Mutation(
         "wrapper.first-tap-weight-for-all",
         W,
-        "losses[name] = _weighted(loss, self._weight_values[i])",
-        "losses[name] = _weighted(loss, self._weight_values[0])",
+        "losses[name] = DF.weighted(loss, self._weight_values[i])",
+        "losses[name] = DF.weighted(loss, self._weight_values[0])",
     ),
     Mutation(
         "wrapper.calls-all-sums", W, "torch.stack(values).mean()", "torch.stack(values).sum()"
@@ -199,7 +191,7 @@ MUTATIONS: list[Mutation] = [
         'value = check_int("progress", value, minimum=0)',
         "pass",
     ),
-    Mutation("wrapper.channel-mismatch-check-removed", CH, "if got != want:", "if False:"),
+    Mutation("wrapper.channel-mismatch-check-removed", B, "if got != want:", "if False:"),
     Mutation(
         "wrapper.target-dict-first-entry",
         W,
@@ -208,7 +200,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation("wrapper.unwrap-keeps-hooks", W, "h.remove()", "pass"),
     Mutation("wrapper.unwrap-flag-not-set", W, "self._unwrapped = True", "self._unwrapped = False"),
-    # _capture.py ------------------------------------------------------------------------------
+    # _capture.py ----------------------------------------------------------------------------------
     Mutation(
         "capture.clone-ignored",
         C,
@@ -233,13 +225,8 @@ MUTATIONS: list[Mutation] = [
         "out.append(r.tensor.detach() if detach else r.tensor)",
         "out.append(r.tensor)",
     ),
-    Mutation("capture.first-is-last", C, "records = records[:1]", "records = records[-1:]"),
-    Mutation(
-        "capture.reuse-check-removed",
-        C,
-        'if len(records) > 1 and calls == "error":',
-        "if False:",
-    ),
+    Mutation("capture.first-is-last", C, "return range(1)", "return range(count - 1, count)"),
+    Mutation("capture.reuse-check-removed", C, 'if count > 1 and calls == "error":', "if False:"),
     Mutation("capture.reentrancy-check-removed", C, "if self.records() is not None:", "if False:"),
     Mutation(
         "capture.window-not-closed-on-error",
@@ -250,15 +237,12 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "capture.default-select-last",
-        C,
+        F,
         "if isinstance(output, (tuple, list)) and output:\n        return output[0]",
         "if isinstance(output, (tuple, list)) and output:\n        return output[-1]",
     ),
     Mutation(
-        "capture.default-select-dict-none",
-        C,
-        "return next(iter(output.values()))",
-        "return None",
+        "capture.default-select-dict-none", F, "return next(iter(output.values()))", "return None"
     ),
     Mutation(
         "capture.negative-index-rejected",
@@ -273,79 +257,85 @@ MUTATIONS: list[Mutation] = [
         "picked = getattr(output, select, None)",
         "picked = None",
     ),
-    # _taps.py ---------------------------------------------------------------------------------
-    Mutation("taps.same-module-check-removed", T, "if other != name:", "if False:"),
-    Mutation("taps.double-match-check-removed", T, "if name in found:", "if False:"),
-    Mutation("taps.star-crosses-dots", T, 'out.append(r"[^.]*")', 'out.append(r".*")'),
+    # _names.py, _config.py ------------------------------------------------------------------------
+    Mutation("taps.same-module-check-removed", N, "if other != name:", "if False:"),
+    Mutation("taps.double-match-check-removed", N, "if name in found:", "if False:"),
+    Mutation("taps.star-crosses-dots", N, 'out.append(r"[^.]*")', 'out.append(r".*")'),
     Mutation(
         "taps.double-star-within-one",
-        T,
+        N,
         'out.append(".*")\n            i += 2',
         'out.append(r"[^.]*")\n            i += 2',
     ),
-    Mutation("taps.question-mark-crosses-dots", T, 'out.append(r"[^.]")', 'out.append(r".")'),
-    Mutation("taps.glob-not-anchored", T, '"".join(out) + r"\\Z"', '"".join(out)'),
+    Mutation("taps.question-mark-crosses-dots", N, 'out.append(r"[^.]")', 'out.append(r".")'),
+    Mutation("taps.glob-not-anchored", N, '"".join(out) + r"\\Z"', '"".join(out)'),
     Mutation(
         "taps.not-in-module-order",
-        T,
+        N,
         "ordered = sorted(found, key=order.__getitem__)",
         "ordered = list(found)",
     ),
-    Mutation("taps.root-tap-allowed", T, 'if pattern == "":', "if False:"),
+    Mutation("taps.root-tap-allowed", N, 'if pattern == "":', "if False:"),
     Mutation(
         "taps.zero-in-channels-allowed",
-        T,
+        CFG,
         'check_int("in_channels", self.in_channels)',
         'check_int("in_channels", self.in_channels, minimum=0)',
     ),
-    Mutation("taps.no-suggestions", T, "n=3, cutoff=0.6", "n=3, cutoff=1.0"),
+    Mutation("taps.no-suggestions", N, "n=3, cutoff=0.6", "n=3, cutoff=1.0"),
     Mutation(
-        "taps.default-weight", T, "weight: float | Schedule = 0.4", "weight: float | Schedule = 0.5"
+        "taps.default-weight",
+        CFG,
+        "weight: float | Schedule = 0.4",
+        "weight: float | Schedule = 0.5",
     ),
-    # _resize.py -------------------------------------------------------------------------------
+    # functional.py, _targets.py -------------------------------------------------------------------
     Mutation(
         "resize.nearest-rounds",
-        R,
+        TG,
         "torch.arange(size_out, device=device) * size_in, size_out",
         "torch.arange(size_out, device=device) * size_in + size_out // 2, size_out",
     ),
     Mutation(
         "resize.floor-to-trunc",
-        R,
+        TG,
         'size_in, size_out, rounding_mode="floor"',
         'size_in, size_out, rounding_mode="trunc"',
     ),
     Mutation(
-        "resize.downsample-one-dim", R, "dim = target.dim() - k + i", "dim = target.dim() - k"
+        "resize.downsample-one-dim",
+        TG,
+        "dim = target.dim() - len(size) + i",
+        "dim = target.dim() - len(size)",
     ),
     Mutation(
         "resize.upsample-check-removed",
-        R,
+        F,
         "if any(p > t for p, t in zip(psize, size)):",
         "if False:",
     ),
     Mutation(
         "resize.dense-target-spatial",
-        R,
-        "return _spatial(target, layout)",
+        F,
+        "return spatial_size(target, layout)",
         "return tuple(target.shape[-2:])",
     ),
-    Mutation("resize.bicubic", R, '2: "bilinear"', '2: "bicubic"'),
+    Mutation("resize.bicubic", F, '2: "bilinear"', '2: "bicubic"'),
     Mutation(
         "resize.align-corners-dropped",
-        R,
-        "ac = align_corners if mode.endswith(_ALIGNABLE) else None",
-        "ac = False if mode.endswith(_ALIGNABLE) else None",
+        F,
+        'ac = align_corners if mode.endswith(("linear", "bicubic")) else None',
+        'ac = False if mode.endswith(("linear", "bicubic")) else None',
     ),
     Mutation(
         "resize.none-mismatch-passes",
-        R,
-        '    raise TargetError(\n        f"tap {tap!r}: prediction of shape',
-        "    return pred, target\n"
-        '    raise TargetError(\n        f"tap {tap!r}: prediction of shape',
+        F,
+        '    raise TargetError(\n        f"{_where(tap)}prediction of shape',
+        "    return prediction, target\n"
+        '    raise TargetError(\n        f"{_where(tap)}prediction of shape',
     ),
-    Mutation("resize.mode-check-removed", R, "if resize not in RESIZE_MODES:", "if False:"),
-    # schedules.py -----------------------------------------------------------------------------
+    Mutation("resize.mode-check-removed", CFG, "if resize not in RESIZE_MODES:", "if False:"),
+    # schedules.py ---------------------------------------------------------------------------------
     Mutation(
         "schedules.linear-ignores-end",
         S,
@@ -384,81 +374,78 @@ MUTATIONS: list[Mutation] = [
         "return type(self) is type(other) and vars(self) == vars(other)",
         "return vars(self) == vars(other)",
     ),
-    # _channels.py -----------------------------------------------------------------------------
+    # _layout.py -----------------------------------------------------------------------------------
     Mutation(
         "channels.feature-info-no-underscore-names",
-        CH,
-        'if e["module"] in (rest, rest.replace(".", "_")):',
-        'if e["module"] == rest:',
+        L,
+        'e.get("module") in (rest, rest.replace(".", "_"))',
+        'e.get("module") == rest',
     ),
     Mutation(
-        "channels.feature-info-root-only",
-        CH,
-        "for i in range(len(parts)):",
-        "for i in range(1):",
+        "channels.feature-info-root-only", L, "for i in range(len(parts)):", "for i in range(1):"
     ),
     Mutation(
         "channels.first-layer-not-last",
-        CH,
-        "if c is not None:\n            found = c",
-        "if c is not None and found is None:\n            found = c",
+        L,
+        "last = next((c for _, c in reversed(layers) if c is not None), None)",
+        "last = next((c for _, c in layers if c is not None), None)",
     ),
     Mutation(
-        "channels.groupnorm-groups", CH, "return int(m.num_channels)", "return int(m.num_groups)"
+        "channels.groupnorm-groups",
+        L,
+        'return "NCHW", int(m.num_channels)',
+        'return "NCHW", int(m.num_groups)',
     ),
     Mutation(
-        "channels.tokens-channel-first",
-        CH,
-        'return -1 if layout == "NHWC" else 1',
-        "return 1",
+        "channels.tokens-channel-first", L, 'return -1 if layout == "NHWC" else 1', "return 1"
     ),
     # new core logic (ignore-aware labels, weight dtype, checks, read-only taps) --------------
     Mutation(
         "resize.ignore-fallback-removed",
-        R,
+        TG,
         "return torch.where(picked == ignore_index, fallback, picked)",
         "return picked",
     ),
-    Mutation("resize.ignore-fallback-last-valid", R, 'reduce="amin"', 'reduce="amax"'),
+    Mutation("resize.ignore-fallback-last-valid", TG, 'reduce="amin"', 'reduce="amax"'),
     Mutation(
         "resize.ignore-all-ignored-cell-filled",
-        R,
+        TG,
         "fallback = torch.where(first < big, fallback, ignore_index)",
         "fallback = fallback",
     ),
     Mutation(
         "wrapper.weight-half-in-half",
-        W,
+        F,
         "return (loss.float() * weight.float()).to(loss.dtype)",
         "return loss * weight.to(loss.dtype)",
     ),
     Mutation(
         "wrapper.weight-promotes-loss",
-        W,
+        F,
         "return loss * weight.to(dtype=loss.dtype, copy=True)",
         "return loss * weight",
     ),
     Mutation(
         "wrapper.schedule-negative-allowed",
-        W,
-        "if not ok or not math.isfinite(w) or w < 0:",
-        "if not ok or not math.isfinite(w):",
+        WT,
+        "if not is_number(w) or not math.isfinite(float(w)) or float(w) < 0:",
+        "if not is_number(w) or not math.isfinite(float(w)):",
     ),
     Mutation(
         "wrapper.schedule-nonfinite-allowed",
-        W,
-        "if not ok or not math.isfinite(w) or w < 0:",
-        "if not ok or w < 0:",
+        WT,
+        "if not is_number(w) or not math.isfinite(float(w)) or float(w) < 0:",
+        "if not is_number(w) or float(w) < 0:",
     ),
     Mutation(
         "checks.target-key-clash-removed",
-        "deepsup/_checks.py",
+        CFG,
         "if p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):",
         "if False:",
     ),
     Mutation(
         "wrapper.head-inplace-check-removed",
-        W,
+        B,
         "if version >= 0 and feat._version != version:",
         "if False:",
     ),
@@ -466,20 +453,20 @@ MUTATIONS: list[Mutation] = [
     # killed by test_hardening's keyword-only target clash test
     Mutation(
         "checks.target-key-keyword-only-missed",
-        "deepsup/_checks.py",
+        CFG,
         "(p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)",
         "(p.POSITIONAL_OR_KEYWORD,)",
     ),
     Mutation(
         "taps.ignore-index-not-inherited",
-        T,
-        "ignore = found if isinstance(found, int) and not isinstance(found, bool) else None",
+        CFG,
+        "ignore = _criterion_ignore_index(crit)",
         "ignore = None",
     ),
     # killed by the float64 case of test_step_between_forward_and_backward_uses_the_forward_weight
     Mutation(
         "wrapper.weight-not-copied",
-        W,
+        F,
         "weight.to(dtype=loss.dtype, copy=True)",
         "weight.to(dtype=loss.dtype)",
     ),
