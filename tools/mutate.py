@@ -8,6 +8,10 @@ tests fail, *survived* when they pass, *timeout* when they run past ``--timeout`
 killed), and *not applicable* when its snippet is not found exactly once (the code moved on:
 update or delete the mutation).
 
+The mutations cover the core (``wrapper``, ``_config``, ``_names``, ``_capture``, ``_build``,
+``_weights``, ``functional``, ``_targets``, ``_layout``, ``schedules``) and the features built on
+it (``exits``, ``_calibration``, ``losses``, ``diagnostics``, ``multiscale``, ``heads``).
+
 Each run is a fork of this process, which imported torch, torchvision and timm once, so a mutant
 costs its tests, not the imports (POSIX only).
 
@@ -469,6 +473,485 @@ MUTATIONS: list[Mutation] = [
         F,
         "weight.to(dtype=loss.dtype, copy=True)",
         "weight.to(dtype=loss.dtype)",
+    ),
+    # issue 16: the modules of the core redesign, exits, calibration, losses, diagnostics -----
+    # functional.py: the target cache (pyramid), the teacher, the criterion, the class axis
+    Mutation(
+        "functional.cache-key-no-ignore-index",
+        F,
+        "key: tuple[Any, ...] = (id(target), psize, mode, layout, ignore_index)",
+        "key: tuple[Any, ...] = (id(target), psize, mode, layout)",
+    ),
+    Mutation(
+        "functional.cache-key-no-layout",
+        F,
+        "key: tuple[Any, ...] = (id(target), psize, mode, layout, ignore_index)",
+        "key: tuple[Any, ...] = (id(target), psize, mode, ignore_index)",
+    ),
+    Mutation(
+        "functional.cache-key-no-dtype",
+        F,
+        "key += (classes, prediction.dtype)",
+        "key += (classes,)",
+    ),
+    Mutation(
+        "functional.cache-key-no-classes",
+        F,
+        "key += (classes, prediction.dtype)",
+        "key += (prediction.dtype,)",
+    ),
+    Mutation(
+        "functional.teacher-downsampled-channels-first",
+        F,
+        "return downsample(teacher, psize, layout=layout, tap=tap)",
+        "return downsample(teacher, psize, tap=tap)",
+    ),
+    Mutation(
+        "functional.teacher-upsampled-channels-first",
+        F,
+        "return upsample(teacher, psize, layout=layout, align_corners=align_corners, tap=tap)",
+        "return upsample(teacher, psize, align_corners=align_corners, tap=tap)",
+    ),
+    Mutation("functional.teacher-not-detached", F, "teacher = teacher.detach()", "pass"),
+    Mutation(
+        "functional.teacher-class-check-removed",
+        F,
+        "or (prediction.dim() >= 2 and teacher.shape[c] != prediction.shape[c])",
+        "or False",
+    ),
+    Mutation(
+        "functional.larger-teacher-interpolated",
+        F,
+        "if all(t >= p for t, p in zip(tsize, psize)):",
+        "if False:",
+    ),
+    Mutation(
+        "functional.all-ignored-batch-nan",
+        F,
+        "loss = torch.where((tgt != ignore).any(), loss, 0.0)",
+        "pass",
+    ),
+    Mutation(
+        "functional.bfloat16-weight-in-bfloat16",
+        F,
+        "if loss.dtype in (torch.float16, torch.bfloat16):",
+        "if loss.dtype == torch.float16:",
+    ),
+    Mutation(
+        "functional.soft-without-classes-allowed",
+        F,
+        'if num_classes is None and interpolation == "soft" and not dense:',
+        "if False:",
+    ),
+    Mutation(
+        "functional.max-default-classes-off-by-one",
+        F,
+        "int(target.max()) + 1 if target.numel() else 1",
+        "int(target.max()) if target.numel() else 1",
+    ),
+    Mutation(
+        "functional.dense-target-layout-ignored",
+        F,
+        "x = channels_first(target, layout) if dense else target",
+        "x = target",
+    ),
+    Mutation(
+        "functional.classes-at-dim-1",
+        F,
+        "classes = prediction.shape[channel_dim(layout)]",
+        "classes = prediction.shape[1]",
+    ),
+    Mutation(
+        "functional.target-not-moved-for-criterion",
+        F,
+        "target = _moved(target, layout, want, dims)",
+        "pass",
+    ),
+    Mutation(
+        "functional.layout-keyword-before-move",
+        F,
+        'kwargs["layout"] = given',
+        'kwargs["layout"] = layout',
+    ),
+    Mutation(
+        "functional.kl-direction-swapped",
+        F,
+        "kl = (log_q.exp() * (log_q - log_p)).sum(dim=1)",
+        "kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)",
+    ),
+    Mutation(
+        "functional.kl-without-t-squared",
+        F,
+        "return temperature**2 * kl.mean()",
+        "return kl.mean()",
+    ),
+    Mutation(
+        "functional.binary-probability-one-sided",
+        F,
+        "        return torch.cat([p, 1 - p], dim=1)\n    return x.softmax(1)",
+        "        return torch.cat([p, p], dim=1)\n    return x.softmax(1)",
+    ),
+    Mutation(
+        "functional.entropy-not-normalised",
+        F,
+        "return _per_sample(1.0 - h / math.log(log_p.shape[1]))",
+        "return _per_sample(1.0 - h)",
+    ),
+    # _targets.py: the max / soft rules next to an ignore label, the cells
+    Mutation(
+        "targets.ignore-label-counted-as-class",
+        TG,
+        "return valid if ignore_index is None else valid & (target != ignore_index)",
+        "return valid",
+    ),
+    Mutation(
+        "targets.max-class-0-not-valid",
+        TG,
+        "torch.where(best >= 0, best, whole)",
+        "torch.where(best > 0, best, whole)",
+    ),
+    Mutation(
+        "targets.soft-empty-cell-nan",
+        TG,
+        "torch.where(count > 0, share / count.clamp_min(torch.finfo(dtype).tiny), 0.0)",
+        "share / count",
+    ),
+    Mutation(
+        "targets.soft-over-all-pixels",
+        TG,
+        "torch.where(count > 0, share / count.clamp_min(torch.finfo(dtype).tiny), 0.0)",
+        "share",
+    ),
+    Mutation(
+        "targets.num-classes-label-valid",
+        TG,
+        "(target >= 0) & (target < num_classes)",
+        "(target >= 0) & (target <= num_classes)",
+    ),
+    Mutation(
+        "targets.cell-of-pixel-rounds-down",
+        TG,
+        'cell = torch.div((j + 1) * n_out + n_in - 1, n_in, rounding_mode="floor") - 1',
+        'cell = torch.div(j * n_out, n_in, rounding_mode="floor")',
+    ),
+    Mutation(
+        "targets.max-dense-averaged",
+        TG,
+        "return _pool(_MAX, x, size).to(target.dtype)",
+        "return _pool(_AVG, x, size).to(target.dtype)",
+    ),
+    # _layout.py: one layout per tap
+    Mutation(
+        "layout.head-overrides-declared",
+        L,
+        "layout = declared or head_declared or inferred",
+        "layout = head_declared or declared or inferred",
+    ),
+    Mutation(
+        "layout.head-contradiction-check-removed",
+        L,
+        "and (shape[1] in ev.counts) != (shape[-1] in ev.counts)",
+        "and False",
+    ),
+    Mutation(
+        "layout.head-does-not-settle-ambiguity",
+        L,
+        "if settled is not None:\n            return settled",
+        "if False:\n            return settled",
+    ),
+    Mutation(
+        "layout.previous-layer-for-any-module",
+        L,
+        "hint = own or (previous if _passes_through(module) else None)",
+        "hint = own or previous",
+    ),
+    Mutation(
+        "layout.timm-output-fmt-ignored",
+        L,
+        "if ev.timm_fmt is not None:\n        return ev.timm_fmt",
+        "if False:\n        return ev.timm_fmt",
+    ),
+    Mutation(
+        "layout.concat-ignores-layout-flowing-in",
+        L,
+        "if default is None and not first and ev.previous is not None:",
+        "if False:",
+    ),
+    Mutation(
+        "layout.shape-channels-at-dim-1",
+        L,
+        "return Resolved(layout, int(shape[channel_dim(layout)]))",
+        "return Resolved(layout, int(shape[1]))",
+    ),
+    Mutation(
+        "layout.mixed-layers-take-last",
+        L,
+        "layers[-1][0] if len(layouts) == 1 else None",
+        "layers[-1][0]",
+    ),
+    # _config.py: Tap resolution and checks
+    Mutation(
+        "config.soft-with-criterion-ignore-index-allowed",
+        CFG,
+        'if interp == "soft" and own is not None and own != -100:',
+        "if False:",
+    ),
+    Mutation(
+        "config.interpolation-inherited-with-resize-none",
+        CFG,
+        "inherited = interpolation if tap_resize is not None else None",
+        "inherited = interpolation",
+    ),
+    Mutation("config.detach-dropped", CFG, "detach=bool(tap.detach),", "detach=False,"),
+    Mutation("config.select-dropped", CFG, "select=tap.select,", "select=None,"),
+    Mutation("config.tap-layout-dropped", CFG, "layout=pick(tap.layout, None),", "layout=None,"),
+    Mutation("config.explicit-ignore-index-overridden", CFG, "if ignore is INHERIT:", "if True:"),
+    # _capture.py, _build.py, _weights.py
+    Mutation(
+        "capture.last-is-second-last",
+        C,
+        "return range(count - 1, count)",
+        "return range(max(count - 2, 0), max(count - 1, 1))",
+    ),
+    Mutation(
+        "capture.dry-run-in-train-mode",
+        C,
+        "        model.eval()\n        with torch.no_grad(), window as value:",
+        "        with torch.no_grad(), window as value:",
+    ),
+    Mutation(
+        "build.in-channels-ignored",
+        B,
+        "count = s.in_channels if s.in_channels is not None else channels",
+        "count = channels",
+    ),
+    Mutation(
+        "build.factory-not-told-layout",
+        B,
+        "head = spec(count, layout=layout) if adapt else spec(count)",
+        "head = spec(count)",
+    ),
+    Mutation(
+        "build.prediction-layout-is-input-layout",
+        B,
+        "pred_layout = built_out or head_out or layout",
+        "pred_layout = layout",
+    ),
+    Mutation(
+        "build.unbatched-check-removed",
+        B,
+        "if all(len(s) < 1 or s[0] != x.shape[0] for s in shapes.values()):",
+        "if False:",
+    ),
+    Mutation(
+        "build.channels-checked-at-dim-1",
+        B,
+        "got = feat.shape[channel_dim(layout)]",
+        "got = feat.shape[1]",
+    ),
+    Mutation(
+        "weights.buffer-float32",
+        WT,
+        "dtype=torch.float64, device=device",
+        "dtype=torch.float32, device=device",
+    ),
+    # exits.py: a threshold equal to a confidence, the thresholds, the calls rule
+    Mutation(
+        "exits.threshold-equal-to-confidence-stays",
+        X,
+        "bool((conf >= threshold).all())",
+        "bool((conf > threshold).all())",
+    ),
+    Mutation(
+        "exits.one-confident-sample-exits",
+        X,
+        "bool((conf >= threshold).all())",
+        "bool((conf >= threshold).any())",
+    ),
+    Mutation(
+        "exits.nan-threshold-allowed",
+        X,
+        "bad = {t: v for t, v in out.items() if math.isnan(v)}",
+        "bad: dict[str, float] = {}",
+    ),
+    Mutation(
+        "exits.left-out-tap-threshold-0",
+        X,
+        "float(threshold.get(t, math.inf))",
+        "float(threshold.get(t, 0.0))",
+    ),
+    Mutation(
+        "exits.calls-first-takes-second",
+        X,
+        '(rule == "first" and n > 1)',
+        '(rule == "first" and n > 2)',
+    ),
+    Mutation(
+        "exits.calls-last-takes-first",
+        X,
+        ' or (rule == "last" and n != call.counts.get(self.name)):',
+        ":",
+    ),
+    Mutation(
+        "exits.extra-state-length-unchecked",
+        X,
+        "if not isinstance(state, torch.Tensor) or state.shape != (len(self.exits),):",
+        "if not isinstance(state, torch.Tensor):",
+    ),
+    Mutation(
+        "exits.off-exit-runs-its-head",
+        X,
+        "if threshold == math.inf:\n            return None",
+        "if False:\n            return None",
+    ),
+    # _calibration.py: ties at a threshold, the cost accounting, the search
+    Mutation(
+        "calibration.threshold-equal-to-confidence-stays",
+        CAL,
+        "fired = conf >= thresholds[:, None]",
+        "fired = conf > thresholds[:, None]",
+    ),
+    Mutation(
+        "calibration.own-head-counted-twice",
+        CAL,
+        "before = torch.cumsum(head * on, 0) - head * on",
+        "before = torch.cumsum(head * on, 0)",
+    ),
+    Mutation(
+        "calibration.off-exits-heads-counted",
+        CAL,
+        "on = torch.tensor([x < math.inf for x in t] + [False])",
+        "on = torch.tensor([True for x in t] + [False])",
+    ),
+    Mutation(
+        "calibration.path-runs-off-heads",
+        CAL,
+        "e: _NEVER for e in self.order[:stop] if thresholds.get(e, math.inf) < math.inf",
+        "e: _NEVER for e in self.order[:stop]",
+    ),
+    Mutation(
+        "calibration.output-path-without-heads",
+        CAL,
+        "stop = len(self.order) if exit_name == OUTPUT else self.order.index(exit_name)",
+        "stop = 0 if exit_name == OUTPUT else self.order.index(exit_name)",
+    ),
+    Mutation(
+        "calibration.max-drop-relative",
+        CAL,
+        "floor = float(score[-1].mean()) - max_drop - 1e-9",
+        "floor = float(score[-1].mean()) * (1 - max_drop) - 1e-9",
+    ),
+    Mutation(
+        "calibration.nan-confidences-in-quantiles",
+        CAL,
+        "finite = finite[~finite.isnan()]",
+        "pass",
+    ),
+    Mutation(
+        "calibration.top1-single-logit-argmax",
+        CAL,
+        "(x[:, 0] > 0).long() if x.dim() >= 2 and x.shape[1] == 1 else x.argmax(1)",
+        "x.argmax(1)",
+    ),
+    Mutation(
+        "calibration.metric-ignores-exit-layout",
+        CAL,
+        "e: functools.partial(top1, layout=lay) for e, lay in layouts.items()",
+        "e: top1 for e, lay in layouts.items()",
+    ),
+    Mutation(
+        "calibration.costs-on-whole-batch",
+        CAL,
+        "        return x[:1]\n",
+        "        return x\n",
+    ),
+    # losses.py
+    Mutation(
+        "losses.alpha-swapped",
+        LO,
+        "return (1.0 - self.alpha) * hard + self.alpha * soft",
+        "return self.alpha * hard + (1.0 - self.alpha) * soft",
+    ),
+    Mutation(
+        "losses.teacher-layout-dropped",
+        LO,
+        "soft = distillation_kl(prediction, teacher.detach(), self.temperature, layout=layout)",
+        "soft = distillation_kl(prediction, teacher.detach(), self.temperature)",
+    ),
+    Mutation(
+        "losses.ignore-index-not-forwarded",
+        LO,
+        "return found if isinstance(found, int) and not isinstance(found, bool) else None",
+        "return None",
+    ),
+    # diagnostics.py: everything restored
+    Mutation("diagnostics.python-rng-not-restored", D, "random.setstate(py_rng)", "pass"),
+    Mutation("diagnostics.numpy-rng-not-restored", D, "np.random.set_state(np_rng)", "pass"),
+    Mutation("diagnostics.grad-values-not-restored", D, "g.copy_(saved_grad)", "pass"),
+    Mutation("diagnostics.grad-not-reattached", D, "p.grad = g\n", "pass\n"),
+    Mutation("diagnostics.reassigned-buffer-not-restored", D, "m._buffers[name] = b", "pass"),
+    Mutation(
+        "diagnostics.cosine-of-zero-is-0",
+        D,
+        "if na == 0.0 or nb == 0.0:\n        return math.nan",
+        "if na == 0.0 or nb == 0.0:\n        return 0.0",
+    ),
+    Mutation(
+        "diagnostics.total-is-main",
+        D,
+        'total = sum(flats.values(), torch.zeros_like(flats["main"]))',
+        'total = flats["main"]',
+    ),
+    Mutation(
+        "diagnostics.frozen-modules-listed",
+        D,
+        "if any(p.requires_grad for p in m.parameters(recurse=False))",
+        "if any(True for p in m.parameters(recurse=False))",
+    ),
+    Mutation(
+        "diagnostics.least-decayed-first",
+        D,
+        "key=lambda s: (math.isnan(s[0]), s[0], s[1])",
+        "key=lambda s: (math.isnan(s[0]), -s[0], s[1])",
+    ),
+    # multiscale.py
+    Mutation("multiscale.nnunet-coarsest-kept", MS, "levels[-1] = 0.0", "pass"),
+    Mutation(
+        "multiscale.monai-exp-no-floor",
+        MS,
+        "return max(0.5**level, 0.0625)",
+        "return 0.5**level",
+    ),
+    Mutation(
+        "multiscale.ignore-index-dropped",
+        MS,
+        "ignore_index=ignore_index,\n    )",
+        "ignore_index=None,\n    )",
+    ),
+    Mutation(
+        "multiscale.levels-start-at-half",
+        MS,
+        "for level in range(len(names) + 1)]",
+        "for level in range(1, len(names) + 2)]",
+    ),
+    # heads.py
+    Mutation(
+        "heads.seg-nhwc-not-permuted",
+        H,
+        'if self.layout == "NHWC":\n            x = x.permute(0, 3, 1, 2)',
+        "if False:\n            x = x.permute(0, 3, 1, 2)",
+    ),
+    Mutation(
+        "heads.classification-nhwc-pools-channels",
+        H,
+        'tuple(range(1, x.dim() - 1)) if self.layout == "NHWC" else tuple(range(2, x.dim()))',
+        "tuple(range(2, x.dim()))",
+    ),
+    Mutation(
+        "heads.token-cls-takes-last",
+        H,
+        'x = x[:, 0] if self.pool == "cls" else x.mean(dim=1)',
+        'x = x[:, -1] if self.pool == "cls" else x.mean(dim=1)',
     ),
 ]
 
