@@ -60,7 +60,7 @@ HEAVY = (
     "test_zoo.py",
 )
 # The files that kill most mutants run first (with -x a killed mutant stops at its first failure).
-FIRST = ("test_wrapper.py", "test_errors.py")
+FIRST = ("test_core_rules.py", "test_wrapper.py", "test_errors.py")
 # The eval passthrough of torchvision and timm models repeats tiny-cnn's check at 10x the cost.
 DEFAULT_PYTEST_ARGS = (
     "-q -x -p no:cacheprovider -m 'not slow and not distributed' -k 'not torchvision and not timm'"
