@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -248,6 +250,35 @@ def test_gradient_flow_has_no_side_effects(mode: str) -> None:
     assert all(p.grad is g for p, g in zip(sup.parameters(), grad_objects, strict=True))
     assert sup.progress == progress
     assert torch.rand(3).tolist() == (torch.set_rng_state(before["rng"]) or torch.rand(3).tolist())
+
+
+class _PythonAndNumpyNoise(nn.Module):
+    """A model whose forward draws from Python's and NumPy's RNGs (stochastic depth, jitter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + 0.01 * random.random() + 0.01 * float(np.random.rand())
+        return self.b(torch.tanh(self.a(x)) * scale)
+
+
+def test_gradient_flow_restores_pythons_and_numpys_rng_states() -> None:
+    sup = DeepSupervision(
+        _PythonAndNumpyNoise(), {"a": 0.4}, head=heads.classification(2),
+        criterion=nn.CrossEntropyLoss(),
+    )  # fmt: skip
+    random.seed(5)
+    np.random.seed(5)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    gradient_flow(sup, x, target=y, criterion=nn.CrossEntropyLoss())
+    assert random.getstate() == py_state
+    after = np.random.get_state()
+    assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1])
+    assert after[2:] == np_state[2:]
 
 
 def test_gradient_flow_restores_state_when_the_criterion_raises() -> None:
