@@ -259,27 +259,17 @@ def test_entropy_confidence_is_0_for_uniform_and_1_for_one_hot() -> None:
 # --------------------------------------------------------------- exits and calibration
 
 
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 8)
-        self.b = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.relu(self.a(x)))
-
-
 def test_an_exit_fires_at_a_threshold_equal_to_its_confidence() -> None:
     torch.manual_seed(3)
-    model = _Net()
-    sup = DeepSupervision(model, "a", head=heads.classification(3))
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    sup = DeepSupervision(model, "0", head=heads.classification(3))
     early = EarlyExit(sup, threshold=math.inf)
     x = torch.randn(1, 4)
     with torch.no_grad():
-        conf = float(DF.confidence(sup.heads["a"](model.a(x))))
-    early.thresholds = {"a": conf}
-    assert early(x)[1] == "a"
-    early.thresholds = {"a": math.nextafter(conf, math.inf) + 1e-6}
+        conf = float(DF.confidence(sup.heads["0"](model[0](x))))
+    early.thresholds = {"0": conf}
+    assert early(x)[1] == "0"
+    early.thresholds = {"0": conf + 1e-6}
     assert early(x)[1] == "output"
 
 
