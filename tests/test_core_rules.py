@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from deepsup import DeepSupervision, EarlyExit, heads
+from deepsup import DeepSupervision, EarlyExit, heads, multiscale
 from deepsup import functional as DF
 from deepsup.exits import ExitCosts, search_thresholds
 from deepsup.losses import SelfDistillation
@@ -305,3 +305,22 @@ def test_a_path_runs_the_heads_of_the_exits_that_are_on_and_no_other() -> None:
     assert costs.path_flops("c", thresholds) == 3 + 20 + 30
     assert costs.path_flops("output", thresholds) == 100 + 20 + 30
     assert costs.path_flops("output", {"a": math.inf}) == 100
+
+
+def test_evaluate_scores_per_token_exits_along_their_class_axis() -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))  # (B, N, 5) -> (B, N, 3)
+    head = nn.Linear(8, 3)  # per-token logits (B, N, 3): classes last
+    early = EarlyExit(DeepSupervision(model, "0", head=head), threshold=0.0)
+    data = [(torch.randn(1, 4, 5), torch.randint(0, 3, (1, 4))) for _ in range(3)]
+    table = early.evaluate(data)
+    with torch.no_grad():
+        hits = [(head(model[0](x)).argmax(-1) == y).float().mean() for x, y in data]
+    assert table.rows[0].share == 1.0
+    assert table.accuracy == pytest.approx(float(torch.stack(hits).mean()))
+
+
+def test_multiscale_downsample_is_ignore_aware() -> None:
+    t = torch.tensor([[255, 3, 255, 4]])
+    assert torch.equal(multiscale.downsample(t, (2,), ignore_index=255), torch.tensor([[3, 4]]))
+    assert torch.equal(multiscale.downsample(t, (2,)), torch.tensor([[255, 255]]))
