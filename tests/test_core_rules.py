@@ -324,3 +324,15 @@ def test_multiscale_downsample_is_ignore_aware() -> None:
     t = torch.tensor([[255, 3, 255, 4]])
     assert torch.equal(multiscale.downsample(t, (2,), ignore_index=255), torch.tensor([[3, 4]]))
     assert torch.equal(multiscale.downsample(t, (2,)), torch.tensor([[255, 255]]))
+
+
+def test_the_dry_run_leaves_batchnorm_statistics_untouched() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    model.train()
+    sup = DeepSupervision(
+        model, "2", head=heads.seg(2), example_input=torch.randn(2, 3, 8, 8) * 5 + 3
+    )
+    bn = sup.model[1]
+    assert torch.equal(bn.running_mean, torch.zeros(4))
+    assert torch.equal(bn.running_var, torch.ones(4))
+    assert int(bn.num_batches_tracked) == 0 and model.training and bn.training
