@@ -336,3 +336,18 @@ def test_the_dry_run_leaves_batchnorm_statistics_untouched() -> None:
     assert torch.equal(bn.running_mean, torch.zeros(4))
     assert torch.equal(bn.running_var, torch.ones(4))
     assert int(bn.num_batches_tracked) == 0 and model.training and bn.training
+
+
+def test_a_head_that_changes_the_layout_is_scored_in_its_output_layout() -> None:
+    torch.manual_seed(5)
+    # channels-last maps (B, H, W, C); heads.seg takes them and gives (B, K, H, W)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 4))
+    sup = DeepSupervision(
+        model, {"1": 0.5}, head=heads.seg(4, dropout=0.0), criterion=nn.CrossEntropyLoss()
+    )
+    x, y = torch.randn(2, 6, 5, 3), torch.randint(0, 4, (2, 6, 5))
+    _, aux = sup(x, target=y)
+    head = sup.heads["1"]
+    pred = head(torch.relu(model[0](x)))
+    assert pred.shape == (2, 4, 6, 5)
+    torch.testing.assert_close(aux["1"], 0.5 * F.cross_entropy(pred, y))
