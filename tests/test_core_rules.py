@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ReuseModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from deepsup import DeepSupervision, EarlyExit, heads, multiscale
+from deepsup import DeepSupervision, EarlyExit, Tap, heads, multiscale
 from deepsup import functional as DF
 from deepsup.exits import ExitCosts, search_thresholds
 from deepsup.losses import SelfDistillation
@@ -351,3 +352,20 @@ def test_a_head_that_changes_the_layout_is_scored_in_its_output_layout() -> None
     pred = head(torch.relu(model[0](x)))
     assert pred.shape == (2, 4, 6, 5)
     torch.testing.assert_close(aux["1"], 0.5 * F.cross_entropy(pred, y))
+
+
+def test_calls_first_exits_never_run_the_head_on_a_later_call() -> None:
+    torch.manual_seed(6)
+    sup = DeepSupervision(
+        ReuseModel(), {"shared": Tap(calls="first")}, head=heads.classification(2)
+    )
+    seen: list[int] = []
+
+    def sure_on_the_second_call(pred: torch.Tensor) -> torch.Tensor:
+        seen.append(len(seen))
+        return torch.full((pred.shape[0],), float(len(seen) > 1))
+
+    early = EarlyExit(sup, threshold=0.5, confidence=sure_on_the_second_call)
+    x = torch.randn(2, 4)
+    pred, name = early(x)
+    assert name == "output" and seen == [0] and torch.equal(pred, sup.model(x))
