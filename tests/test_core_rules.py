@@ -369,3 +369,12 @@ def test_calls_first_exits_never_run_the_head_on_a_later_call() -> None:
     x = torch.randn(2, 4)
     pred, name = early(x)
     assert name == "output" and seen == [0] and torch.equal(pred, sup.model(x))
+
+
+def test_tap_layout_is_taken_as_given_over_the_heads_declaration() -> None:
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    # heads.tokens declares NHWC input; the tap's own declaration decides
+    sup = DeepSupervision(model, {"0": Tap(layout="NCHW")}, head=heads.tokens(3))
+    assert sup.taps["0"].layout == "NCHW"
+    sup = DeepSupervision(model, {"0": Tap()}, head=heads.tokens(3))
+    assert sup.taps["0"].layout == "NHWC"
