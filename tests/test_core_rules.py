@@ -378,3 +378,36 @@ def test_tap_layout_is_taken_as_given_over_the_heads_declaration() -> None:
     assert sup.taps["0"].layout == "NCHW"
     sup = DeepSupervision(model, {"0": Tap()}, head=heads.tokens(3))
     assert sup.taps["0"].layout == "NHWC"
+
+
+def test_max_drop_is_absolute_accuracy_points() -> None:
+    conf = torch.full((1, 4), 0.9, dtype=torch.float64)
+    score = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])  # exit 0.25, model 0.5
+    costs = ExitCosts(["a"], prefix={"a": 10}, head={"a": 1}, full=100)
+    assert search_thresholds(conf, score, costs, max_drop=0.25) == {"a": 0.9}
+    assert search_thresholds(conf, score, costs, max_drop=0.24) == {"a": math.inf}
+
+
+class _ChannelsLastStage(nn.Module):
+    """A timm-like model: its stage has Conv layers but returns NHWC maps (output_fmt)."""
+
+    output_fmt = "NHWC"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage = nn.Sequential(nn.Conv2d(3, 8, 1), _ToChannelsLast())
+        self.feature_info = [{"module": "stage", "num_chs": 8}]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage(x).mean((1, 2))
+
+
+class _ToChannelsLast(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+def test_timms_output_fmt_decides_a_feature_info_stages_layout() -> None:
+    sup = DeepSupervision(_ChannelsLastStage(), "stage", head=heads.seg(2))
+    assert sup.taps["stage"].layout == "NHWC"
+    assert sup.heads["stage"].conv.in_channels == 8

@@ -281,6 +281,28 @@ def test_gradient_flow_restores_pythons_and_numpys_rng_states() -> None:
     assert after[2:] == np_state[2:]
 
 
+def test_gradient_flow_restores_grads_that_a_criterion_accumulates() -> None:
+    """A criterion that runs its own backward (a training framework's loss wrapper) writes into
+    ``.grad``; the existing grads come back with their values, absent ones stay absent."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    sup = DeepSupervision(
+        model, {"1": 0.4}, head=heads.classification(2), criterion=nn.CrossEntropyLoss()
+    )
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    grad = model[0].weight.grad
+
+    def backward_inside(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(out, y)
+        loss.backward(retain_graph=True)
+        return loss
+
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    gradient_flow(sup, x, target=y, criterion=backward_inside)
+    assert model[0].weight.grad is grad and torch.equal(grad, torch.ones_like(grad))
+    assert all(p.grad is None for p in sup.parameters() if p is not model[0].weight)
+
+
 def test_gradient_flow_restores_state_when_the_criterion_raises() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     sup = DeepSupervision(
