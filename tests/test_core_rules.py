@@ -17,7 +17,7 @@ from torch import nn
 
 from deepsup import DeepSupervision, EarlyExit, Tap, heads, multiscale
 from deepsup import functional as DF
-from deepsup.exits import ExitCosts, search_thresholds
+from deepsup.exits import ExitCosts, search_thresholds, top1
 from deepsup.losses import SelfDistillation
 
 # --------------------------------------------------------------- the shared target cache
@@ -411,3 +411,15 @@ def test_timms_output_fmt_decides_a_feature_info_stages_layout() -> None:
     sup = DeepSupervision(_ChannelsLastStage(), "stage", head=heads.seg(2))
     assert sup.taps["stage"].layout == "NHWC"
     assert sup.heads["stage"].conv.in_channels == 8
+
+
+def test_top1_of_a_single_logit_is_its_sign() -> None:
+    got = top1(torch.tensor([[2.0], [-1.0], [0.5]]), torch.tensor([1, 0, 0]))
+    assert torch.equal(got, torch.tensor([1.0, 1.0, 0.0]))
+
+
+def test_a_tap_with_resize_none_does_not_inherit_the_wrappers_interpolation() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    taps = {"0": Tap(resize=None), "1": 0.4}
+    sup = DeepSupervision(model, taps, head=heads.seg(2), resize="target", interpolation="max")
+    assert sup.taps["0"].interpolation is None and sup.taps["1"].interpolation == "max"
