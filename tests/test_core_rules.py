@@ -407,7 +407,7 @@ class _ToChannelsLast(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
-def test_timms_output_fmt_decides_a_feature_info_stages_layout() -> None:
+def test_output_fmt_decides_the_layout_of_a_feature_info_stage() -> None:
     sup = DeepSupervision(_ChannelsLastStage(), "stage", head=heads.seg(2))
     assert sup.taps["stage"].layout == "NHWC"
     assert sup.heads["stage"].conv.in_channels == 8
@@ -423,3 +423,12 @@ def test_a_tap_with_resize_none_does_not_inherit_the_wrappers_interpolation() ->
     taps = {"0": Tap(resize=None), "1": 0.4}
     sup = DeepSupervision(model, taps, head=heads.seg(2), resize="target", interpolation="max")
     assert sup.taps["0"].interpolation is None and sup.taps["1"].interpolation == "max"
+
+
+def test_calibrate_measures_flops_per_sample_on_one_sample() -> None:
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    early = EarlyExit(DeepSupervision(model, "0", head=heads.classification(3)))
+    data = [(torch.randn(4, 4), torch.randint(0, 3, (4,)))]
+    table = early.calibrate(data, max_drop=1.0, timing_runs=1)
+    assert table.full_flops == early.costs(data[0][0][:1]).full == 2 * (4 * 8 + 8 * 3)
