@@ -14,7 +14,9 @@ runs a head inside a hook, since the decision has to be taken before the next mo
 when every sample is confident, raises a private exception that unwinds the model's forward and
 is caught by :meth:`EarlyExit.forward`. The exception derives from ``BaseException``, so a
 model's own ``except Exception`` does not swallow it; the per-call state lives in a thread-local
-slot reset in ``finally``.
+slot reset in ``finally``. With ``per_sample=True`` (``deepsup/_routing.py``) the hook lets the
+confident rows leave and returns the tap's output for the other rows (the one place a deepsup
+hook returns a value), so the rest of the forward runs on them only.
 """
 
 from __future__ import annotations
@@ -28,12 +30,22 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from . import _calibration
+from . import _calibration, _routing
 from ._build import need_layout, run_head
-from ._calibration import _ALWAYS, _STOP, ExitCosts, ExitRow, ExitTable, search_thresholds, top1
-from ._capture import dry_run, pick_calls, select_tensor
+from ._calibration import (
+    _ALWAYS,
+    _NEVER,
+    _STOP,
+    ExitCosts,
+    ExitRow,
+    ExitTable,
+    search_thresholds,
+    top1,
+)
+from ._capture import as_call, dry_run, pick_calls, select_tensor
 from ._checks import call_user
 from ._config import OUTPUT
+from ._routing import LEAVE_EVEN, Routing
 from .errors import CaptureError, ConfigError, ConfigTypeError, EarlyExitError
 from .functional import CONFIDENCES, confidence
 from .wrapper import DeepSupervision
@@ -84,9 +96,15 @@ class _Exited(BaseException):
 class _Call:
     """One EarlyExit call: per-tap thresholds, the calls per forward, what ran so far."""
 
-    def __init__(self, thresholds: Mapping[str, float | str], counts: Mapping[str, int]) -> None:
+    def __init__(
+        self,
+        thresholds: Mapping[str, float | str],
+        counts: Mapping[str, int],
+        routing: Routing | None,
+    ) -> None:
         self.thresholds = thresholds
         self.counts = counts
+        self.routing = routing
         self.seen: dict[str, int] = {}
         self.visited: list[str] = []
 
@@ -109,14 +127,17 @@ class _ExitState:
 
     @contextmanager
     def call(
-        self, thresholds: Mapping[str, float | str], counts: Mapping[str, int]
+        self,
+        thresholds: Mapping[str, float | str],
+        counts: Mapping[str, int],
+        routing: Routing | None = None,
     ) -> Iterator[_Call]:
         if self.current() is not None:
             raise EarlyExitError(
                 "EarlyExit was re-entered on the same thread (called inside its own forward); "
                 "call the model instead"
             )
-        call = _Call(thresholds, counts)
+        call = _Call(thresholds, counts, routing)
         self._local.call = call
         try:
             yield call
@@ -133,7 +154,7 @@ class _ExitHook:
         self.name = name
         self.early = early
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         call = self.state.current()
         if call is None:
             return None
@@ -147,6 +168,8 @@ class _ExitHook:
         if (rule == "first" and n > 1) or (rule == "last" and n != call.counts.get(self.name)):
             return None
         call.visited.append(self.name)
+        if call.routing is not None:
+            return self._route(call.routing, output, threshold)
         if threshold == _STOP:
             raise _Exited(self.name, None)
         pred = self.early._predict(self.name, output)
@@ -156,6 +179,20 @@ class _ExitHook:
         if isinstance(threshold, float) and bool((conf >= threshold).all()):
             raise _Exited(self.name, pred)
         return None
+
+    def _route(self, routing: Routing, output: Any, threshold: float | str) -> Any:
+        """Per-sample exit: the confident rows leave here, the tap returns the others."""
+        rows = routing.rows_of(self.name, output)
+        if threshold == LEAVE_EVEN:  # the construction check
+            leave = torch.arange(rows, device=output.device) % 2 == 0
+            pred = None
+        else:
+            pred = self.early._predict(self.name, output)
+            leave = self.early._confidence(self.name, pred) >= float(threshold)
+        out = routing.step(self.name, output, leave, pred)
+        if out is None:
+            raise _Exited(self.name, None)
+        return None if out is output else out
 
     def __repr__(self) -> str:
         return f"deepsup.ExitHook({self.name!r})"
@@ -214,10 +251,20 @@ class EarlyExit(nn.Module):
             meaning surer. A NaN confidence never exits.
         example_input: an input for the dry run that counts each tap's calls per forward
             (otherwise the first input is counted, once).
+        per_sample: exit per row inside a batch. At each exit the confident rows leave and
+            the rest of the model runs on the remaining rows only (the tap's hook returns
+            their rows); the forward returns ``(predictions, exits)``, one prediction row and
+            one exit name per input row, in the input's order, equal to running each sample
+            alone. Needs ``example_input`` (at least 2 rows): at construction a dry run checks
+            that the rows that continue past each exit give the outputs they give in the full
+            batch, and that every exit predicts what the model outputs per row.
 
     Raises:
         EarlyExitError: the forward runs in training mode, under ``torch.compile``, or with a
-            ``sup`` wrapped in DDP or compiled; a tap with ``calls="all"``.
+            ``sup`` wrapped in DDP or compiled; a tap with ``calls="all"``; with
+            ``per_sample=True``, a model that cannot continue on fewer rows after a tap (a
+            U-Net's skip connections, an attention mask, rows mixed across the batch), naming
+            why.
         CaptureError: a tap with ``calls="error"`` runs more than once per forward.
 
     What cannot work: training (a stopped forward has no loss for the rest of the model, and
@@ -242,6 +289,13 @@ class EarlyExit(nn.Module):
         >>> pred, name = early(x)
         >>> name, torch.equal(pred, model(x))
         ('output', True)
+
+        Per-sample exits inside a batch:
+
+        >>> rows = EarlyExit(sup, threshold={"0": 0.4}, per_sample=True, example_input=x)
+        >>> preds, names = rows(torch.randn(5, 4))
+        >>> tuple(preds.shape), len(names), set(names) <= {"0", "output"}
+        ((5, 3), 5, True)
     """
 
     def __init__(
@@ -251,6 +305,7 @@ class EarlyExit(nn.Module):
         *,
         confidence: str | Confidence = "max_softmax",
         example_input: Any = None,
+        per_sample: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(sup, DeepSupervision):
@@ -292,8 +347,16 @@ class EarlyExit(nn.Module):
             sup.model.get_submodule(name).register_forward_hook(_ExitHook(self, name))
             for name in self.exits
         ]
+        self.per_sample = bool(per_sample)
         self.eval()
-        if example_input is not None:
+        if per_sample:
+            if example_input is None:
+                raise ConfigError(
+                    "per_sample=True needs example_input=, a batch of at least 2 rows, to check "
+                    "at construction that rows can leave at each exit; pass one"
+                )
+            self._check_rows(*as_call(example_input))
+        elif example_input is not None:
             self._count(example_input, None)
 
     # thresholds and state ---------------------------------------------------------------------
@@ -402,12 +465,33 @@ class EarlyExit(nn.Module):
             self._counts = dict(seen)
         return self._counts
 
+    def _check_rows(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """per_sample=True: rows may leave at every exit (``_routing.check_rows``)."""
+        self._count(args, kwargs)
+        with torch.no_grad():
+            predictions = self.sup.exits(*args, **kwargs)
+        full = predictions.pop(OUTPUT)
+        order = self._run(args, kwargs, dict.fromkeys(self.exits, _NEVER))[2]
+        ordered = {e: predictions[e] for e in order}
+
+        def run(thresholds: Mapping[str, Any]) -> tuple[Any, Routing]:
+            routing = Routing()
+            return self._run(args, kwargs, thresholds, routing)[0], routing
+
+        _routing.check_rows(run, full, ordered)
+
     def _run(
-        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], thresholds: Mapping[str, Any]
+        self,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        thresholds: Mapping[str, Any],
+        routing: Routing | None = None,
     ) -> tuple[Any, str, list[str]]:
+        """The stopped forward: ``(prediction, exit, taps visited)``; with ``routing``, the
+        model's output for the rows that reached it (``None`` if none did)."""
         self._check_usable()
         counts = self._count(args, kwargs)
-        with torch.no_grad(), self._state.call(thresholds, counts) as call:
+        with torch.no_grad(), self._state.call(thresholds, counts, routing) as call:
             try:
                 output = self.sup.model(*args, **kwargs)
             except _Exited as stop:
@@ -421,10 +505,16 @@ class EarlyExit(nn.Module):
                 )
         return output, OUTPUT, call.visited
 
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, str]:
-        """``(prediction, exit name)``; ``(model(*args, **kwargs), "output")`` if none fires."""
-        prediction, name, _ = self._run(args, kwargs, self._thresholds)
-        return prediction, name
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """``(prediction, exit name)``; ``(model(*args, **kwargs), "output")`` if none fires.
+        With ``per_sample=True``: ``(predictions, exits)``, one row and one exit name per
+        input row, in the input's order."""
+        if not self.per_sample:
+            prediction, name, _ = self._run(args, kwargs, self._thresholds)
+            return prediction, name
+        routing = Routing()
+        output = self._run(args, kwargs, self._thresholds, routing)[0]
+        return routing.assemble(output)
 
     # measurement (deepsup/_calibration.py) ----------------------------------------------------
 
