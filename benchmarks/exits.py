@@ -1,5 +1,7 @@
 """Exits: ``sup.exits(x)`` vs a plain forward, and early exit at calibrated thresholds vs the model.
 
+``--part`` picks one part (default: ``exits`` and ``early-exit``, the first two):
+
 Part 1: torchvision resnet18 (10 classes) with classification heads on ``layer1``..``layer3``;
 ``sup.exits(x)`` (the model and every head, one forward) against ``model(x)``, eval, no_grad.
 
@@ -7,6 +9,12 @@ Part 2: the small ResNet of ``examples/multi_exit_digits.py`` trained with deep 
 the digits (a few epochs, in this run), thresholds calibrated on val at ``max_drop=0.01``, then
 the test set one sample at a time through ``EarlyExit`` and through the model alone,
 interleaved: wall time per sample, FLOPs per sample (``FlopCounterMode``) and accuracy.
+
+Part ``tap-overhead``: ``EarlyExit``'s own cost per tap, on the 16-block stack of
+``taps_scaling.py`` (Linear 64->64 + Tanh, a 8x64 batch), ``head=nn.Identity()``: taps that
+cannot exit (threshold ``inf``: the hook returns at once), and taps tested where no row leaves
+(threshold 2: the head, the confidence and one host synchronisation per tap), whole-batch and
+``per_sample=True``; least-squares slope over k = 1, 4, 16 taps.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from _common import (
     interleave,
     machine,
     paired,
+    paired_diff,
     parser,
     peak_memory,
     pick,
@@ -37,6 +46,8 @@ from _common import (
 from torch import nn
 
 from deepsup import DeepSupervision, EarlyExit, heads
+
+PARTS = ("exits", "early-exit", "tap-overhead", "per-sample")
 
 
 def exits_overhead(*, rounds: int, warmup: int, batch_size: int, size: int) -> list[object]:
@@ -153,14 +164,75 @@ def early_exit(*, rounds: int, warmup: int, epochs: int, samples: int) -> tuple[
     return body, targets
 
 
+def tap_overhead(*, rounds: int, warmup: int, inner: int) -> str:
+    import copy
+
+    from taps_scaling import fit, stack
+
+    base = stack().eval()
+    x = torch.randn(8, 64)
+    counts = (1, 4, 16)
+    kinds = {
+        "cannot exit (inf)": {"threshold": float("inf")},
+        "tested, none leaves": {"threshold": 2.0},
+        "tested, per_sample=True": {"threshold": 2.0, "per_sample": True, "example_input": x},
+    }
+    variants: dict[str, Callable[[], None]] = {}
+
+    def call(m: nn.Module) -> Callable[[], None]:
+        def f() -> None:
+            with torch.no_grad():
+                m(x)
+
+        return f
+
+    variants["bare"] = call(base)
+    for kind, kw in kinds.items():
+        for k in counts:
+            sup = DeepSupervision(
+                copy.deepcopy(base), [str(i) for i in range(k)], head=nn.Identity()
+            )
+            variants[f"{kind} k={k}"] = call(EarlyExit(sup, **kw))  # type: ignore[arg-type]
+    times = interleave(variants, rounds=rounds, warmup=warmup, inner=inner)
+    rows: list[list[object]] = []
+    fits = []
+    for kind in kinds:
+        points = []
+        for k in counts:
+            d = paired_diff(times, "bare", f"{kind} k={k}")
+            points.append((float(k), d.median))
+            rows.append([kind, k, d.fmt(1e6, 1, " µs"), f"{d.median * 1e6 / k:.2f} µs"])
+        a, b = fit(points)
+        fits.append(f"- {kind}: **{b * 1e6:.2f} µs per tap** + {a * 1e6:.1f} µs fixed per forward")
+    bare = Stats.of(times["bare"])
+    return (
+        f"{rounds} interleaved rounds of {inner} forwards each (bare model and the nine early "
+        f"exits rotated), after {warmup} warm-up forwards, {machine()['torch threads']} torch "
+        f"threads; bare forward {fmt_time(bare)}. Overhead = early-exit forward - bare forward, "
+        "per round (paired); the heads are `nn.Identity()` and the confidence is the max softmax "
+        "over the 64 features.\n\n"
+        + table(["exits", "taps", "overhead per forward (median [IQR])", "per tap"], rows)
+        + "\n\nLeast-squares fit over k:\n\n"
+        + "\n".join(fits)
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     p = parser(__doc__)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--size", type=int, default=None, help="resnet18 input side")
     p.add_argument("--epochs", type=int, default=None, help="digits training epochs")
+    p.add_argument("--part", choices=PARTS, default=None, help="one part (default: the first two)")
     args = p.parse_args(argv)
     setup(args)
     started = time.perf_counter()
+    if args.part == "tap-overhead":
+        body = tap_overhead(
+            rounds=pick(args, "rounds", 30, 4),
+            warmup=pick(args, "warmup", 20, 5),
+            inner=100 if not args.quick else 10,
+        )
+        return emit(args, "Early exit: overhead per tap", body, started=started)
     rounds = pick(args, "rounds", 20, 3)
     warmup = pick(args, "warmup", 2, 1)
     size = pick(args, "size", 112, 32)

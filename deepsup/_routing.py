@@ -29,18 +29,22 @@ __all__ = ["LEAVE_EVEN", "Routing", "check_rows", "split_rows"]
 LEAVE_EVEN = "leave-even"
 
 
-def split_rows(leave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def split_rows(leave: torch.Tensor, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(keep, leaving, n_leaving)``: the row indices of a ``(B,)`` bool mask, in order, with
-    one host synchronisation (the count).
+    one host synchronisation (the count; none when ``n``, the count, is given).
 
     Example:
         >>> keep, leaving, n = split_rows(torch.tensor([True, False, True, False]))
         >>> keep.tolist(), leaving.tolist(), n
         ([1, 3], [0, 2], 2)
     """
-    n = int(leave.sum())  # the one host synchronisation of this tap
-    order = torch.argsort(leave.to(torch.uint8), stable=True)  # staying rows first, in order
+    if n is None:
+        n = int(leave.sum())  # the one host synchronisation of this tap
     stay = leave.numel() - n
+    if n == 0 or stay == 0:  # nothing to sort: no row leaves, or all do
+        rows = torch.arange(leave.numel(), device=leave.device)
+        return (rows, rows[:0], 0) if n == 0 else (rows[:0], rows, n)
+    order = torch.argsort(leave.to(torch.uint8), stable=True)  # staying rows first, in order
     return order[:stay], order[stay:], n
 
 
@@ -70,13 +74,15 @@ class Routing:
         if self.rows is None:
             self.batch = output.shape[0]
             self.rows = torch.arange(self.batch, device=output.device)
-        keep, leaving, n = split_rows(leave)
+        n = int(leave.sum())  # the one host synchronisation of this tap
         if n == 0:
             return output
-        self.parts.append((name, self.rows[leaving], None if pred is None else pred[leaving]))
-        if n == leave.numel():
+        if n == leave.numel():  # every row leaves: the forward stops here
+            self.parts.append((name, self.rows, pred))
             self.rows = self.rows[:0]
             return None
+        keep, leaving, _ = split_rows(leave, n)
+        self.parts.append((name, self.rows[leaving], None if pred is None else pred[leaving]))
         self.rows = self.rows[keep]
         return output[keep]
 

@@ -664,31 +664,33 @@ def distillation_kl(
     return temperature**2 * kl.mean()
 
 
-def _probabilities(prediction: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Class probabilities with classes at dim 1: softmax, or (p, 1 - p) for a single logit."""
-    x = channels_first(prediction.float(), layout)
-    if x.shape[1] == 1:
-        p = x.sigmoid()
-        return torch.cat([p, 1 - p], dim=1)
-    return x.softmax(1)
-
-
 def _per_sample(values: torch.Tensor) -> torch.Tensor:
     """(B,) or (B, *positions) -> (B,): dense predictions average over positions."""
     return values.flatten(1).mean(1) if values.dim() > 1 else values
 
 
+def _at_least_float(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when float32 or float64 (no copy), else in float32."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _max_probability(prediction: torch.Tensor, layout: Layout) -> torch.Tensor:
-    return _per_sample(_probabilities(prediction, layout).amax(1))
+    x = channels_first(_at_least_float(prediction), layout)
+    if x.shape[1] == 1:  # max(p, 1 - p) = sigmoid(|z|), without building (p, 1 - p)
+        return _per_sample(x[:, 0].abs().sigmoid())
+    return _per_sample(x.softmax(1).amax(1))
 
 
 def _margin(prediction: torch.Tensor, layout: Layout) -> torch.Tensor:
-    top = _probabilities(prediction, layout).topk(2, dim=1).values
+    x = channels_first(_at_least_float(prediction), layout)
+    if x.shape[1] == 1:  # |p - (1 - p)| = tanh(|z| / 2)
+        return _per_sample((x[:, 0].abs() / 2).tanh())
+    top = x.softmax(1).topk(2, dim=1).values
     return _per_sample(top[:, 0] - top[:, 1])
 
 
 def _entropy(prediction: torch.Tensor, layout: Layout) -> torch.Tensor:
-    log_p = _log_probabilities(channels_first(prediction.float(), layout))
+    log_p = _log_probabilities(channels_first(_at_least_float(prediction), layout))
     h = -(log_p.exp() * log_p).sum(1)
     return _per_sample(1.0 - h / math.log(log_p.shape[1]))
 

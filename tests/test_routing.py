@@ -10,6 +10,7 @@ from conftest import TupleModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepsup import DeepSupervision, EarlyExit, Tap, heads
 from deepsup._routing import split_rows
@@ -251,3 +252,54 @@ def test_other_refusals() -> None:
     dense = DeepSupervision(Net(), ["stem"], head=heads.seg(4)).eval()
     with pytest.raises(EarlyExitError, match="exit 'stem' predicts"):
         EarlyExit(dense, per_sample=True, example_input=torch.randn(2, 3, 8, 8))
+
+
+# overhead: one host synchronisation per tested tap, nothing at taps that cannot exit --------
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts the host synchronisations (``aten._local_scalar_dense``: ``bool()``, ``int()``,
+    ``item()`` of a tensor) and the ops dispatched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs = 0
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops += 1
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["whole-batch", "per-sample"])
+@pytest.mark.parametrize("leave", ["none", "some", "all"])
+def test_at_most_one_host_sync_per_tested_tap(per_sample: bool, leave: str) -> None:
+    sup = make(5)
+    x = example(8)
+    conf = sup.exits(x)["stage1"].softmax(1).amax(1)
+    t = {"none": 2.0, "some": float(conf.median()), "all": 0.0}[leave]
+    kw: dict[str, Any] = {"per_sample": True, "example_input": x} if per_sample else {}
+    early = EarlyExit(sup, {"stem": 2.0, "stage1": t}, **kw)
+    with CountSyncs() as counter:
+        early(x)
+    assert counter.syncs <= 2  # two tested taps
+
+
+def test_taps_that_cannot_exit_run_no_head_and_no_op() -> None:
+    sup = make(6)
+    x = example(4)
+    calls: list[str] = []
+    sup.heads["stem"].register_forward_hook(lambda m, a, o: calls.append("stem"))
+    early = EarlyExit(sup, {"stem": float("inf"), "stage1": 2.0}, per_sample=True, example_input=x)
+    calls.clear()
+    with CountSyncs() as with_hooks:
+        early(x)
+    early.thresholds = float("inf")
+    with CountSyncs() as none:
+        early(x)
+    with CountSyncs() as bare, torch.no_grad():
+        sup.model(x)
+    assert calls == [] and none.ops == bare.ops and none.syncs == 0
+    assert with_hooks.syncs == 1
