@@ -55,6 +55,7 @@ class Routing:
         self.batch = 0
         self.rows: torch.Tensor | None = None  # the input row of each running row
         self.parts: list[tuple[str, torch.Tensor, Any]] = []  # (exit, input rows, predictions)
+        self.kept: torch.Tensor | None = None  # the running rows the last step kept
 
     @staticmethod
     def rows_of(name: str, output: Any) -> int:
@@ -82,6 +83,7 @@ class Routing:
             self.rows = self.rows[:0]
             return None
         keep, leaving, _ = split_rows(leave, n)
+        self.kept = keep
         self.parts.append((name, self.rows[leaving], None if pred is None else pred[leaving]))
         self.rows = self.rows[keep]
         return output[keep]

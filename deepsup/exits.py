@@ -43,11 +43,11 @@ from ._calibration import (
     top1,
 )
 from ._capture import as_call, dry_run, pick_calls, select_tensor
-from ._checks import call_user
+from ._checks import call_user, check_int, check_number
 from ._config import OUTPUT
 from ._routing import LEAVE_EVEN, Routing
 from .errors import CaptureError, ConfigError, ConfigTypeError, EarlyExitError
-from .functional import CONFIDENCES, confidence
+from .functional import CONFIDENCES, confidence, patience_streak, predicted_class
 from .wrapper import DeepSupervision
 
 __all__ = [
@@ -107,6 +107,8 @@ class _Call:
         self.routing = routing
         self.seen: dict[str, int] = {}
         self.visited: list[str] = []
+        self.streak: torch.Tensor | None = None  # patience: consecutive agreeing exits per row
+        self.last: torch.Tensor | None = None  # patience: the last exit's classes per row
 
 
 class _ExitState:
@@ -169,18 +171,31 @@ class _ExitHook:
             return None
         call.visited.append(self.name)
         if call.routing is not None:
-            return self._route(call.routing, output, threshold)
+            return self._route(call, call.routing, output, threshold)
         if threshold == _STOP:
             raise _Exited(self.name, None)
         pred = self.early._predict(self.name, output)
         if threshold == _ALWAYS:
             raise _Exited(self.name, pred)
-        conf = self.early._confidence(self.name, pred)
-        if isinstance(threshold, float) and bool((conf >= threshold).all()):
-            raise _Exited(self.name, pred)
+        if isinstance(threshold, float) and bool(self._leave(call, pred, threshold).all()):
+            raise _Exited(self.name, pred)  # the one host synchronisation of this tap
         return None
 
-    def _route(self, routing: Routing, output: Any, threshold: float | str) -> Any:
+    def _leave(self, call: _Call, pred: Any, threshold: float) -> torch.Tensor:
+        """The rows that leave here: confident enough, or (``patience=p``) the p-th exit in a
+        row to predict the same class."""
+        patience = self.early.patience
+        if patience is None:
+            return self.early._confidence(self.name, pred) >= threshold
+        layout = need_layout(
+            self.name, self.early.sup._settings[self.name].pred_layout, pred, "prediction"
+        )
+        cls = predicted_class(pred, layout=layout)
+        call.streak = patience_streak(call.streak, call.last, cls)
+        call.last = cls
+        return call.streak >= patience
+
+    def _route(self, call: _Call, routing: Routing, output: Any, threshold: float | str) -> Any:
         """Per-sample exit: the confident rows leave here, the tap returns the others."""
         rows = routing.rows_of(self.name, output)
         if threshold == LEAVE_EVEN:  # the construction check
@@ -188,11 +203,15 @@ class _ExitHook:
             pred = None
         else:
             pred = self.early._predict(self.name, output)
-            leave = self.early._confidence(self.name, pred) >= float(threshold)
+            leave = self._leave(call, pred, float(threshold))
         out = routing.step(self.name, output, leave, pred)
         if out is None:
             raise _Exited(self.name, None)
-        return None if out is output else out
+        if out is output:
+            return None
+        if call.streak is not None and call.last is not None:  # patience: the rows that stay
+            call.streak, call.last = call.streak[routing.kept], call.last[routing.kept]
+        return out
 
     def __repr__(self) -> str:
         return f"deepsup.ExitHook({self.name!r})"
@@ -306,6 +325,7 @@ class EarlyExit(nn.Module):
         confidence: str | Confidence = "max_softmax",
         example_input: Any = None,
         per_sample: bool = False,
+        patience: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(sup, DeepSupervision):
@@ -340,6 +360,8 @@ class EarlyExit(nn.Module):
         self.confidence_name = confidence if isinstance(confidence, str) else "callable"
         self.exits = list(sup.taps)
         self._thresholds = _as_thresholds(threshold, self.exits)
+        self._temperatures = dict.fromkeys(self.exits, 1.0)
+        self.patience = None if patience is None else check_int("patience", patience)
         self._state = _ExitState()
         self._heads = [sup.heads[n] for n in self.exits]  # plain list: not registered twice
         self._counts: dict[str, int] | None = None
@@ -370,18 +392,49 @@ class EarlyExit(nn.Module):
     def thresholds(self, value: float | Mapping[str, float]) -> None:
         self._thresholds = _as_thresholds(value, self.exits)
 
+    @property
+    def temperatures(self) -> dict[str, float]:
+        """``{tap: T}``: each exit's logits are divided by ``T`` before its confidence is
+        taken (1: unchanged; the predictions returned are the heads' own). Set by
+        ``calibrate(temperature=True)``; settable with a float or a dict."""
+        return dict(self._temperatures)
+
+    @temperatures.setter
+    def temperatures(self, value: float | Mapping[str, float]) -> None:
+        given = value if isinstance(value, Mapping) else dict.fromkeys(self.exits, value)
+        unknown = sorted(set(given) - set(self.exits))
+        if unknown:
+            raise ConfigError(
+                f"temperatures name taps {unknown} that are not exits; the exits are {self.exits}"
+            )
+        out = dict(self._temperatures)
+        for e, t in given.items():
+            out[e] = check_number(f"the temperature of exit {e!r}", t, low=0, low_open=True)
+        self._temperatures = out
+
     def get_extra_state(self) -> torch.Tensor:
-        """The thresholds, in exit order, as a float64 tensor (``inf``: off)."""
-        return torch.tensor([self._thresholds[e] for e in self.exits], dtype=torch.float64)
+        """The thresholds (``inf``: off) and the temperatures, in exit order, as a ``(2,
+        exits)`` float64 tensor."""
+        return torch.tensor(
+            [
+                [self._thresholds[e] for e in self.exits],
+                [self._temperatures[e] for e in self.exits],
+            ],
+            dtype=torch.float64,
+        )
 
     def set_extra_state(self, state: Any) -> None:
-        """Restore the thresholds saved by :meth:`get_extra_state`."""
-        if not isinstance(state, torch.Tensor) or state.shape != (len(self.exits),):
+        """Restore what :meth:`get_extra_state` saved (a ``(exits,)`` tensor of thresholds
+        alone, from before temperatures, is read too)."""
+        k = len(self.exits)
+        if not isinstance(state, torch.Tensor) or state.shape not in ((k,), (2, k)):
             raise ConfigError(
-                f"an EarlyExit checkpoint's _extra_state must hold {len(self.exits)} thresholds, "
-                f"one per exit {self.exits} (got {state!r})"
+                f"an EarlyExit checkpoint's _extra_state must hold {k} thresholds and {k} "
+                f"temperatures, one per exit {self.exits}, shape (2, {k}) (got {state!r})"
             )
-        self.thresholds = dict(zip(self.exits, state.tolist()))
+        rows = state.reshape(-1, k).tolist()
+        self.thresholds = dict(zip(self.exits, rows[0]))
+        self.temperatures = dict(zip(self.exits, rows[1] if len(rows) > 1 else [1.0] * k))
 
     def remove(self) -> None:
         """Remove this EarlyExit's hooks from the model (safe to call twice).
@@ -413,6 +466,9 @@ class EarlyExit(nn.Module):
         """The per-sample confidence of exit ``name``'s prediction, checked (a NaN never
         exits: ``NaN >= t`` is False)."""
         kind = self._confidence_kind
+        t = self._temperatures[name]
+        if t != 1.0:
+            pred = pred / t
         if callable(kind):
             conf = call_user(
                 kind, pred, note=lambda: f"deepsup: raised in the confidence of exit {name!r}"
@@ -541,13 +597,16 @@ class EarlyExit(nn.Module):
     def calibrate(
         self,
         loader: Iterable[Any],
-        max_drop: float = 0.01,
+        max_drop: float | None = None,
         *,
+        budget: float | None = None,
+        temperature: bool = False,
         metric: Callable[[Any, Any], torch.Tensor] | None = None,
         grid: int = 64,
         timing_runs: int = 20,
     ) -> ExitTable:
-        """Pick the thresholds that minimise measured compute within ``max_drop`` accuracy.
+        """Pick the thresholds that minimise measured compute within ``max_drop`` accuracy
+        (or, with ``budget``, maximise accuracy within a compute budget).
 
         Runs every head on every sample of ``loader`` (held-out data, ``(input, target)``
         batches) once, then searches per-exit thresholds (coordinate descent over ``grid``
@@ -562,7 +621,16 @@ class EarlyExit(nn.Module):
         Args:
             loader: an iterable of ``(input, target)``; ``input`` a tensor, a tuple of
                 arguments or a dict of keyword arguments.
-            max_drop: the accuracy the early exit may lose against the model's output.
+            max_drop: the accuracy the early exit may lose against the model's output
+                (default 0.01).
+            budget: instead of ``max_drop``, a compute budget: the thresholds with the best
+                accuracy at a mean FLOPs per sample of at most ``budget`` times the model's
+                (``0 < budget <= 1``).
+            temperature: first fit each exit's temperature on ``loader`` (the cross-entropy of
+                ``logits / T``, :func:`deepsup.functional.fit_temperature`), set
+                :attr:`temperatures`, and search the thresholds on the scaled confidences;
+                the table gives each exit's ``T`` and its expected calibration error before
+                and after.
             metric: ``metric(prediction, target) -> (B,)`` per-sample score in [0, 1]
                 (default :func:`top1`, along each exit's class axis).
             grid: candidate thresholds per exit (at least 1).
@@ -585,7 +653,14 @@ class EarlyExit(nn.Module):
             (True, 1.0)
         """
         return _calibration.calibrate(
-            self, loader, max_drop, metric=metric, grid=grid, timing_runs=timing_runs
+            self,
+            loader,
+            max_drop,
+            budget=budget,
+            temperature=temperature,
+            metric=metric,
+            grid=grid,
+            timing_runs=timing_runs,
         )
 
     def evaluate(
@@ -615,7 +690,10 @@ class EarlyExit(nn.Module):
         return _calibration.evaluate(self, loader, metric=metric)
 
     def extra_repr(self) -> str:
-        return f"thresholds={self._thresholds}, confidence={self.confidence_name!r}"
+        extra = f", patience={self.patience}" if self.patience is not None else ""
+        if self.per_sample:
+            extra += ", per_sample=True"
+        return f"thresholds={self._thresholds}, confidence={self.confidence_name!r}{extra}"
 
     def __prepare_scriptable__(self) -> NoReturn:
         raise EarlyExitError(
