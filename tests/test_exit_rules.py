@@ -39,6 +39,13 @@ def make(seed: int = 0) -> DeepSupervision:
     return DeepSupervision(model, ["1", "3", "5"], head=heads.classification(3)).double().eval()
 
 
+def batches(seed: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` random (input, label) batches of 32 for ``make()``'s model."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 32, 6, generator=gen, dtype=torch.float64)
+    return [(x[i], torch.randint(0, 3, (32,), generator=gen)) for i in range(n)]
+
+
 # the ECE ------------------------------------------------------------------------------------
 
 
@@ -107,14 +114,7 @@ def test_fit_temperature_for_a_single_logit_is_the_sigmoids() -> None:
 
 def test_calibrate_fits_each_exits_temperature_and_reports_the_ece() -> None:
     sup = make(3)
-    gen = torch.Generator().manual_seed(3)
-    data = [
-        (
-            torch.randn(32, 6, generator=gen, dtype=torch.float64),
-            torch.randint(0, 3, (32,), generator=gen),
-        )
-        for _ in range(4)
-    ]
+    data = batches(3, 4)
     early = EarlyExit(sup, 0.9)
     table = early.calibrate(data, max_drop=0.5, temperature=True, timing_runs=1)
     x = torch.cat([d[0] for d in data])
@@ -266,14 +266,7 @@ def test_budget_search_with_two_exits_is_within_budget_and_no_worse_than_a_grid(
 
 def test_calibrate_with_a_budget_and_its_refusals() -> None:
     sup = make(8)
-    gen = torch.Generator().manual_seed(8)
-    data = [
-        (
-            torch.randn(32, 6, generator=gen, dtype=torch.float64),
-            torch.randint(0, 3, (32,), generator=gen),
-        )
-        for _ in range(3)
-    ]
+    data = batches(8, 3)
     early = EarlyExit(sup)
     table = early.calibrate(data, budget=0.7, timing_runs=1)
     assert table.flops <= 0.7 * table.full_flops + 1e-6
