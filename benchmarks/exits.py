@@ -217,12 +217,134 @@ def tap_overhead(*, rounds: int, warmup: int, inner: int) -> str:
     )
 
 
+def _resnet18_digits(seed: int) -> DeepSupervision:
+    """torchvision's resnet18 (10 classes, a 1-channel stem) with heads on layer1-3."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(seed)
+    model = resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    return DeepSupervision(
+        model, dict.fromkeys(["layer1", "layer2", "layer3"], 0.5), head=heads.classification(10)
+    )
+
+
+def _flops_per_sample(fn: Callable[[torch.Tensor], Any], batches: list[Any]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        for x, _ in batches:
+            fn(x)
+    return counter.get_total_flops() / sum(len(y) for _, y in batches)
+
+
+def _accuracy(fn: Callable[[torch.Tensor], Any], batches: list[Any]) -> float:
+    hits = 0
+    with torch.no_grad():
+        for x, y in batches:
+            out = fn(x)
+            hits += int((out.argmax(1) == y).sum())
+    return hits / sum(len(y) for _, y in batches)
+
+
+def per_sample_exits(
+    *, network: str, rounds: int, warmup: int, epochs: int, samples: int, max_drop: float
+) -> tuple[list[list[object]], str, list[Target]]:
+    """Train, calibrate on val, then the test split at batch 1 and 64 through
+    ``EarlyExit(per_sample=True)`` and through the model alone, interleaved."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import multi_exit_digits as ex
+
+    if network == "digits":
+        data = ex.load_digits_split()
+        sup = ex.build("ds", seed=0, width=16)
+        lr = 3e-3
+    else:
+        data = ex.load_digits_split(size=64)
+        sup = _resnet18_digits(seed=0)
+        lr = 2e-3
+    train_s = ex.train(sup, data, epochs=epochs, seed=0, lr=lr)
+    val = ex.batches(data["val"], 128)
+    probe = EarlyExit(sup)
+    calib = probe.calibrate(val, max_drop=max_drop, timing_runs=3)
+    thresholds = probe.thresholds
+    probe.remove()
+    early = EarlyExit(sup, thresholds, per_sample=True, example_input=val[0][0][:8])
+    model = sup.model
+    rows: list[list[object]] = []
+    targets: list[Target] = []
+    for bs in (1, 64):
+        test = ex.batches(data["test"], bs)
+        if bs == 1:
+            test = test[:samples]
+
+        def over(fn: Callable[[torch.Tensor], Any], test: list[Any] = test) -> Callable[[], None]:
+            def call() -> None:
+                with torch.no_grad():
+                    for x, _ in test:
+                        fn(x)
+
+            return call
+
+        times = interleave(
+            {"model": over(model), "early exit": over(early)}, rounds=rounds, warmup=warmup
+        )
+        ratio = paired(times, "model", "early exit")
+        n = sum(len(y) for _, y in test)
+        per = {k: Stats.of([t / n for t in v]) for k, v in times.items()}
+        flops = _flops_per_sample(early, test) / _flops_per_sample(model, test)
+        acc_model = _accuracy(model, test)
+        acc_early = _accuracy(lambda x: early(x)[0], test)
+        shares: dict[str, int] = {}
+        with torch.no_grad():
+            for x, _ in test:
+                for name in early(x)[1]:
+                    shares[name] = shares.get(name, 0) + 1
+        share = ", ".join(f"{k} {100 * v / n:.0f}%" for k, v in shares.items())
+        rows.append(
+            [
+                network,
+                bs,
+                n,
+                fmt_time(per["model"]),
+                fmt_time(per["early exit"]),
+                f"**{ratio.fmt(digits=3)}**",
+                f"{flops:.3f}x",
+                f"{100 * acc_model:.2f}%",
+                f"{100 * acc_early:.2f}%",
+                f"{100 * (acc_early - acc_model):+.2f}",
+                share,
+            ]
+        )
+        targets.append(
+            Target(
+                f"per-sample early exit wall time ({network}, batch {bs}) at <= 1 point lost",
+                f"{ratio.median:.3f}x [{ratio.q1:.3f}, {ratio.q3:.3f}], "
+                f"{100 * (acc_early - acc_model):+.2f} points",
+                "<= 0.75x, >= -1 point",
+                ratio.median <= 0.75 and acc_early - acc_model >= -0.01,
+            )
+        )
+    note = (
+        f"- {network}: trained {epochs} epochs with deep supervision ({train_s:.0f} s, seed 0), "
+        f"thresholds calibrated on {len(data['val'][1])} val samples at `max_drop={max_drop}` "
+        f"({', '.join(f'{k} {v:.3g}' for k, v in thresholds.items())}; calibration: "
+        f"{100 * calib.accuracy:.2f}% vs {100 * calib.full_accuracy:.2f}% on val)"
+    )
+    return rows, note, targets
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     p = parser(__doc__)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--size", type=int, default=None, help="resnet18 input side")
     p.add_argument("--epochs", type=int, default=None, help="digits training epochs")
     p.add_argument("--part", choices=PARTS, default=None, help="one part (default: the first two)")
+    p.add_argument(
+        "--network", choices=["digits", "resnet18"], default=None, help="per-sample: one"
+    )
+    p.add_argument("--max-drop", type=float, default=0.01, help="per-sample: calibration drop")
     args = p.parse_args(argv)
     setup(args)
     started = time.perf_counter()
@@ -233,6 +355,46 @@ def main(argv: Sequence[str] | None = None) -> str:
             inner=100 if not args.quick else 10,
         )
         return emit(args, "Early exit: overhead per tap", body, started=started)
+    if args.part == "per-sample":
+        rows, notes, targets = [], [], []
+        nets = [args.network] if args.network else ["digits", "resnet18"]
+        for net in nets:
+            r, note, t = per_sample_exits(
+                network=net,
+                rounds=pick(args, "rounds", 7, 2),
+                warmup=1,
+                epochs=args.epochs or (8 if net == "digits" else 3) if not args.quick else 1,
+                samples=360 if not args.quick else 20,
+                max_drop=args.max_drop,
+            )
+            rows += r
+            notes.append(note)
+            targets += t
+        headers = [
+            "network",
+            "batch",
+            "test samples",
+            "model / sample",
+            "early exit / sample",
+            "wall ratio (median [IQR])",
+            "FLOPs ratio",
+            "accuracy model",
+            "accuracy early exit",
+            "points",
+            "exits taken",
+        ]
+        body = (
+            "`EarlyExit(sup, thresholds, per_sample=True)` against the model alone on the test "
+            "split, interleaved (A B B A ...), `torch.no_grad()`, "
+            f"{machine()['torch threads']} torch threads; FLOPs by `FlopCounterMode` over the "
+            "whole test pass (the rows that left early are not computed further).\n\n"
+            + "\n".join(notes)
+            + "\n\n"
+            + table(headers, rows)
+        )
+        return emit(
+            args, "Early exit per sample inside a batch", body, started=started, targets=targets
+        )
     rounds = pick(args, "rounds", 20, 3)
     warmup = pick(args, "warmup", 2, 1)
     size = pick(args, "size", 112, 32)
