@@ -45,6 +45,7 @@ from ._calibration import (
 from ._capture import as_call, dry_run, pick_calls, select_tensor
 from ._checks import call_user, check_int, check_number
 from ._config import OUTPUT
+from ._export import AllExits, cut_at
 from ._routing import LEAVE_EVEN, Routing
 from .errors import CaptureError, ConfigError, ConfigTypeError, EarlyExitError
 from .functional import CONFIDENCES, confidence, patience_streak, predicted_class
@@ -52,12 +53,14 @@ from .wrapper import DeepSupervision
 
 __all__ = [
     "CONFIDENCES",
+    "AllExits",
     "EarlyExit",
     "ExitCosts",
     "ExitRow",
     "ExitTable",
     "all_exits",
     "confidence",
+    "cut_at",
     "search_thresholds",
     "top1",
 ]
