@@ -225,7 +225,10 @@ def _resnet18_digits(seed: int) -> DeepSupervision:
     model = resnet18(num_classes=10)
     model.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
     return DeepSupervision(
-        model, dict.fromkeys(["layer1", "layer2", "layer3"], 0.5), head=heads.classification(10)
+        model,
+        dict.fromkeys(["layer1", "layer2", "layer3"], 0.5),
+        head=heads.classification(10),
+        criterion=nn.CrossEntropyLoss(),
     )
 
 
