@@ -40,6 +40,7 @@ from _common import (
     peak_memory,
     pick,
     setup,
+    split_table,
     table,
     tree_equal,
 )
@@ -393,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             "whole test pass (the rows that left early are not computed further).\n\n"
             + "\n".join(notes)
             + "\n\n"
-            + table(headers, rows)
+            + split_table(headers, rows, at=7, keys=2)
         )
         return emit(
             args, "Early exit per sample inside a batch", body, started=started, targets=targets
