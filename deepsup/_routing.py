@@ -52,8 +52,9 @@ class Routing:
     """The rows of one per-sample forward: which input rows still run, and what left where."""
 
     def __init__(self) -> None:
-        self.batch = 0
-        self.rows: torch.Tensor | None = None  # the input row of each running row
+        self.batch = 0  # rows of the input, set at the first tap
+        self.rows: torch.Tensor | None = None  # the input row of each running row (None: all)
+        self.split = False  # whether some but not all rows left at a tap
         self.parts: list[tuple[str, torch.Tensor, Any]] = []  # (exit, input rows, predictions)
         self.kept: torch.Tensor | None = None  # the running rows the last step kept
 
@@ -72,30 +73,34 @@ class Routing:
         """Let the rows of the ``(B,)`` mask ``leave`` go at ``name`` with their rows of
         ``pred`` (``None`` in the construction check); return the tap's output for the rows
         that continue, ``output`` itself when none leaves, or ``None`` when none is left."""
-        if self.rows is None:
+        if not self.split:
             self.batch = output.shape[0]
-            self.rows = torch.arange(self.batch, device=output.device)
         n = int(leave.sum())  # the one host synchronisation of this tap
         if n == 0:
             return output
+        rows = self.rows if self.rows is not None else torch.arange(self.batch, device=leave.device)
         if n == leave.numel():  # every row leaves: the forward stops here
-            self.parts.append((name, self.rows, pred))
-            self.rows = self.rows[:0]
+            self.parts.append((name, rows, pred))
+            self.rows = rows[:0]
             return None
         keep, leaving, _ = split_rows(leave, n)
         self.kept = keep
-        self.parts.append((name, self.rows[leaving], None if pred is None else pred[leaving]))
-        self.rows = self.rows[keep]
+        self.split = True
+        self.parts.append((name, rows[leaving], None if pred is None else pred[leaving]))
+        self.rows = rows[keep]
         return output[keep]
 
     def assemble(self, output: Any) -> tuple[torch.Tensor, list[str]]:
         """Every row's prediction in input order, and the exit each row took (``"output"``
         for the rows that ran the whole model)."""
-        if self.rows is None or not self.parts:  # no row left early: the model's output
+        if not self.parts:  # no row left early: the model's output
             n = output.shape[0] if isinstance(output, torch.Tensor) and output.dim() else 0
             return output, [OUTPUT] * n
+        if not self.split and output is None:  # every row left together, in order
+            name, _, pred = self.parts[0]
+            return pred, [name] * self.batch
         parts = list(self.parts)
-        if output is not None:
+        if output is not None and self.rows is not None:
             parts.append((OUTPUT, self.rows, output))
         first = parts[0][2]
         dtype = first.dtype

@@ -493,8 +493,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "routing.rows-not-updated",
         "deepsup/_routing.py",
-        "self.rows = self.rows[keep]",
-        "self.rows = self.rows[: keep.numel()]",
+        "self.rows = rows[keep]",
+        "self.rows = rows[: keep.numel()]",
     ),
     Mutation(
         "routing.check-tolerates-any-difference",
