@@ -136,6 +136,21 @@ def test_calibrate_fits_each_exits_temperature_and_reports_the_ece() -> None:
     assert early(x1)[1] == ("1" if float(conf) >= 0.6 else "output")
 
 
+def test_the_confidence_is_taken_of_the_logits_divided_by_the_temperature() -> None:
+    sup = make(9)
+    seen: list[torch.Tensor] = []
+
+    def conf(pred: torch.Tensor) -> torch.Tensor:
+        seen.append(pred)
+        return torch.zeros(pred.shape[0], dtype=pred.dtype)
+
+    early = EarlyExit(sup, {"1": 0.5}, confidence=conf)
+    early.temperatures = {"1": 4.0}
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert early(x)[1] == "output"
+    torch.testing.assert_close(seen[0], sup.exits(x)["1"] / 4.0)
+
+
 def test_thresholds_and_temperatures_round_trip_through_the_state_dict() -> None:
     sup = make(4)
     early = EarlyExit(sup, {"1": 0.7, "3": 0.8})
@@ -163,6 +178,7 @@ def test_patience_streak_by_hand() -> None:
     s2 = patience_streak(s1, a, b)
     s3 = patience_streak(s2, b, b)
     assert s1.tolist() == [1, 1, 1] and s2.tolist() == [2, 1, 2] and s3.tolist() == [3, 2, 3]
+    assert patience_streak(s3, b, a).tolist() == [4, 1, 4]  # a disagreement restarts at 1
     dense = torch.tensor([[[0, 1]], [[1, 1]]])
     prev = torch.tensor([[[0, 1]], [[1, 0]]])
     assert patience_streak(torch.ones(2, dtype=torch.long), prev, dense).tolist() == [2, 1]
