@@ -22,7 +22,13 @@ from ._checks import call_user, check_int, check_number
 from ._config import OUTPUT
 from ._layout import Layout, channels_first, spatial_size
 from .errors import ConfigError, ConfigTypeError, EarlyExitError
-from .functional import _per_sample, upsample
+from .functional import (
+    _per_sample,
+    confidence,
+    expected_calibration_error,
+    fit_temperature,
+    upsample,
+)
 
 if TYPE_CHECKING:
     from .exits import EarlyExit
@@ -50,7 +56,9 @@ class ExitRow:
 
     ``flops`` and ``time_s`` are per sample for a sample that leaves at this exit (the model up
     to the tap plus the heads evaluated on the way); ``accuracy`` is over the samples that
-    leave here (NaN if none does).
+    leave here (NaN if none does). With ``calibrate(temperature=True)``: the exit's fitted
+    ``temperature`` and its expected calibration error on the calibration data before
+    (``T = 1``) and after.
 
     Example:
         >>> ExitRow("layer2", 0.8, share=0.5, accuracy=0.99, flops=4e6, time_s=1e-3).share
@@ -63,6 +71,9 @@ class ExitRow:
     accuracy: float
     flops: float
     time_s: float
+    temperature: float = 1.0
+    ece_before: float = math.nan
+    ece: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -123,17 +134,28 @@ class ExitTable:
         return rows
 
     def __str__(self) -> str:
+        ece = any(not math.isnan(r.ece) for r in self.rows)
         lines = [
-            "| exit | threshold | share | accuracy | MFLOPs/sample | ms/sample |",
-            "|---|---|---|---|---|---|",
+            "| exit | threshold | share | accuracy | MFLOPs/sample | ms/sample |"
+            + (" temperature | ECE before / after |" if ece else ""),
+            "|---|---|---|---|---|---|" + ("---|---|" if ece else ""),
         ]
         for r in self.to_rows():
             thr = "" if math.isnan(r["threshold"]) else f"{r['threshold']:.4g}"
             acc = "-" if math.isnan(r["accuracy"]) else f"{100 * r['accuracy']:.2f}%"
-            lines.append(
+            line = (
                 f"| {r['exit']} | {thr} | {100 * r['share']:.1f}% | {acc} | "
                 f"{r['flops'] / 1e6:.3f} | {1e3 * r['time_s']:.3f} |"
             )
+            if ece:
+                cal = r.get("ece", math.nan)
+                line += (
+                    "  |  |"
+                    if math.isnan(cal)
+                    else f" {r['temperature']:.3g} | {100 * r['ece_before']:.2f}% / "
+                    f"{100 * cal:.2f}% |"
+                )
+            lines.append(line)
         return "\n".join(lines)
 
 
@@ -244,17 +266,22 @@ def search_thresholds(
     score: torch.Tensor,
     costs: ExitCosts,
     *,
-    max_drop: float,
+    max_drop: float | None = None,
+    budget: float | None = None,
     grid: int = 64,
     passes: int = 10,
 ) -> dict[str, float]:
-    """Coordinate descent for per-exit thresholds: least mean FLOPs within ``max_drop``.
+    """Coordinate descent for per-exit thresholds: least mean FLOPs within ``max_drop``, or
+    (``budget``) the best accuracy within ``budget`` times the model's FLOPs per sample.
 
     ``conf`` is ``(exits, N)`` in execution order, ``score`` ``(exits + 1, N)`` with the
     model's output last. Candidates per exit: ``grid`` quantiles of its confidences and
-    ``inf`` (off). Starting from all exits off (the model alone, always feasible), each pass
-    sets each exit in turn to its cheapest feasible candidate (ties: the higher threshold),
-    until a pass changes nothing.
+    ``inf`` (off). ``max_drop``: starting from all exits off (the model alone, always
+    feasible), each pass sets each exit in turn to its cheapest feasible candidate (ties: the
+    higher threshold), until a pass changes nothing. ``budget``: starting from every sample
+    leaving at the first exit (threshold ``-inf``, the cheapest path; a budget below it is
+    refused), each pass sets each exit in turn to its most accurate candidate within the
+    budget (ties: the cheaper), until a pass changes nothing.
 
     Example:
         >>> conf = torch.tensor([[0.9, 0.2, 0.8, 0.1]], dtype=torch.float64)  # 1 exit
@@ -264,7 +291,10 @@ def search_thresholds(
         {'a': 0.8}
     """
     k, _ = conf.shape
-    floor = float(score[-1].mean()) - max_drop - 1e-9
+    if (max_drop is None) == (budget is None):
+        raise ConfigError(
+            f"pass one of max_drop= and budget= (got max_drop={max_drop!r}, budget={budget!r})"
+        )
     qs = torch.linspace(0, 1, grid, dtype=torch.float64)
     candidates = []
     for i in range(k):  # a NaN confidence never exits; it is no candidate either
@@ -285,6 +315,10 @@ def search_thresholds(
         cost = prefix[exits] + before[exits] + head[exits]
         return acc, float(cost.mean())
 
+    if budget is not None:
+        limit = budget * costs.full
+        return dict(zip(costs.order, _within_budget(evaluate, candidates, limit, passes)))
+    floor = float(score[-1].mean()) - (max_drop or 0.0) - 1e-9
     current = [math.inf] * k
     best_cost = evaluate(current)[1]
     for _ in range(passes):
@@ -302,6 +336,39 @@ def search_thresholds(
         if not changed:
             break
     return dict(zip(costs.order, current))
+
+
+def _within_budget(
+    evaluate: Callable[[list[float]], tuple[float, float]],
+    candidates: list[list[float]],
+    limit: float,
+    passes: int,
+) -> list[float]:
+    """The budget search of :func:`search_thresholds`: most accurate within ``limit`` FLOPs."""
+    k = len(candidates)
+    current = [-math.inf] + [math.inf] * (k - 1)  # every sample leaves at the first exit
+    best_acc, best_cost = evaluate(current)
+    if best_cost > limit + 1e-9:
+        raise ConfigError(
+            f"budget allows {limit:.4g} FLOPs per sample, but the cheapest early exit (every "
+            f"sample at the first exit) costs {best_cost:.4g}; raise the budget"
+        )
+    for _ in range(passes):
+        changed = False
+        for i in range(k):
+            choice = current[i]
+            for c in [-math.inf, *candidates[i]]:
+                acc, cost = evaluate([*current[:i], c, *current[i + 1 :]])
+                gain = acc > best_acc + 1e-12
+                cheaper = acc >= best_acc - 1e-12 and cost < best_cost - 1e-9
+                if cost <= limit + 1e-9 and (gain or cheaper):
+                    choice, best_acc, best_cost = c, acc, cost
+            if choice != current[i]:
+                current[i] = choice
+                changed = True
+        if not changed:
+            break
+    return current
 
 
 # ----------------------------------------------------------------------- measuring an EarlyExit
@@ -363,40 +430,86 @@ def _metrics(
     return out
 
 
+def _goal(
+    max_drop: float | None, budget: float | None, patience: int | None
+) -> tuple[float | None, float | None]:
+    """The search's one goal, checked: ``(max_drop, None)`` (default 0.01) or
+    ``(None, budget)``."""
+    if patience is not None:
+        raise ConfigError(
+            f"calibrate searches confidence thresholds, which an EarlyExit with patience="
+            f"{patience} does not use; measure it with evaluate(), or calibrate an EarlyExit "
+            "without patience"
+        )
+    if max_drop is not None and budget is not None:
+        raise ConfigError(
+            f"pass max_drop= (least compute within an accuracy drop) or budget= (best accuracy "
+            f"within a compute budget), not both (got max_drop={max_drop!r}, budget={budget!r})"
+        )
+    if budget is not None:
+        return None, check_number("budget", budget, low=0, high=1, low_open=True)
+    return check_number("max_drop", 0.01 if max_drop is None else max_drop, low=0), None
+
+
+def _temperatures(
+    early: EarlyExit, preds: Mapping[str, list[Any]], targets: list[Any], correct: Any
+) -> dict[str, tuple[float, float, float]]:
+    """Fit each exit's temperature on the calibration data and set it; ``{exit: (T, ECE at
+    T = 1, ECE at T)}`` (ECE of the max softmax against ``correct[exit]``, per sample)."""
+    out = {}
+    for e in early.exits:
+        layout = early.sup._settings[e].pred_layout or "NCHW"
+        logits = torch.cat([p.detach() for p in preds[e]])
+        target = torch.cat([torch.as_tensor(t) for t in targets])
+        t = fit_temperature(logits, target, layout=layout)
+        before = expected_calibration_error(confidence(logits, layout=layout), correct[e])
+        after = expected_calibration_error(confidence(logits / t, layout=layout), correct[e])
+        out[e] = (t, float(before), float(after))
+    early.temperatures = {e: v[0] for e, v in out.items()}
+    return out
+
+
 def calibrate(
     early: EarlyExit,
     loader: Iterable[Any],
-    max_drop: float,
+    max_drop: float | None,
     *,
+    budget: float | None,
+    temperature: bool,
     metric: Callable[[Any, Any], torch.Tensor] | None,
     grid: int,
     timing_runs: int,
 ) -> ExitTable:
-    """:meth:`EarlyExit.calibrate`: every head on every sample once, the threshold search, the
-    table of the chosen thresholds."""
-    check_number("max_drop", max_drop, low=0)
+    """:meth:`EarlyExit.calibrate`: every head on every sample once, the temperatures, the
+    threshold search, the table of the chosen thresholds."""
+    drop, share = _goal(max_drop, budget, early.patience)
     check_int("grid", grid)
     check_int("timing_runs", timing_runs)
     metrics = _metrics(early, metric)
     early._check_usable()
-    confs: dict[str, list[torch.Tensor]] = {e: [] for e in early.exits}
+    preds: dict[str, list[Any]] = {e: [] for e in early.exits}
+    targets: list[Any] = []
     scores: dict[str, list[torch.Tensor]] = {e: [] for e in [*early.exits, OUTPUT]}
     first: tuple[tuple[Any, ...], dict[str, Any]] | None = None
     for batch in loader:
         args, kwargs, target = _split(batch)
         if first is None:
             first = (_first_sample(args), _first_sample(kwargs))
-        preds = early.sup.exits(*args, **kwargs)
+        out = early.sup.exits(*args, **kwargs)
         for e in early.exits:
-            confs[e].append(early._confidence(e, preds[e]).double())
+            preds[e].append(out[e])
+        targets.append(target)
         for e in scores:
-            scores[e].append(score_of(metrics[e], preds[e], target, e).float())
+            scores[e].append(score_of(metrics[e], out[e], target, e).float())
     if first is None:
         raise ConfigError("the loader gave no batch; calibrate on held-out data")
+    correct = {e: torch.cat(scores[e]) for e in early.exits}
+    calibration = _temperatures(early, preds, targets, correct) if temperature else {}
+    confs = {e: torch.cat([early._confidence(e, p).double() for p in preds[e]]) for e in preds}
     costs = measure_costs(early, *first)
-    conf = torch.stack([torch.cat(confs[e]) for e in costs.order])
+    conf = torch.stack([confs[e] for e in costs.order])
     score = torch.stack([torch.cat(scores[e]) for e in [*costs.order, OUTPUT]])
-    thresholds = search_thresholds(conf, score, costs, max_drop=max_drop, grid=grid)
+    thresholds = search_thresholds(conf, score, costs, max_drop=drop, budget=share, grid=grid)
     early.thresholds = {e: thresholds.get(e, math.inf) for e in early.exits}
     exits = _simulate(conf, torch.tensor([thresholds[e] for e in costs.order]))
     names = [*costs.order, OUTPUT]
@@ -406,6 +519,7 @@ def calibrate(
         mask = exits == i
         k = int(mask.sum())
         path = costs.path(e, early.thresholds)
+        t, before, after = calibration.get(e, (1.0, math.nan, math.nan))
         rows.append(
             ExitRow(
                 exit=e,
@@ -414,6 +528,9 @@ def calibrate(
                 accuracy=float(score[i][mask].mean()) if k else math.nan,
                 flops=float(_flops(early, first, path)),
                 time_s=_seconds(early, first, path, timing_runs),
+                temperature=t,
+                ece_before=before,
+                ece=after,
             )
         )
     picked = score.gather(0, exits[None])[0]

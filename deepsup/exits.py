@@ -14,7 +14,9 @@ runs a head inside a hook, since the decision has to be taken before the next mo
 when every sample is confident, raises a private exception that unwinds the model's forward and
 is caught by :meth:`EarlyExit.forward`. The exception derives from ``BaseException``, so a
 model's own ``except Exception`` does not swallow it; the per-call state lives in a thread-local
-slot reset in ``finally``.
+slot reset in ``finally``. With ``per_sample=True`` (``deepsup/_routing.py``) the hook lets the
+confident rows leave and returns the tap's output for the other rows (the one place a deepsup
+hook returns a value), so the rest of the forward runs on them only.
 """
 
 from __future__ import annotations
@@ -28,24 +30,37 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from . import _calibration
+from . import _calibration, _routing
 from ._build import need_layout, run_head
-from ._calibration import _ALWAYS, _STOP, ExitCosts, ExitRow, ExitTable, search_thresholds, top1
-from ._capture import dry_run, pick_calls, select_tensor
-from ._checks import call_user
+from ._calibration import (
+    _ALWAYS,
+    _NEVER,
+    _STOP,
+    ExitCosts,
+    ExitRow,
+    ExitTable,
+    search_thresholds,
+    top1,
+)
+from ._capture import as_call, dry_run, pick_calls, select_tensor
+from ._checks import call_user, check_int, check_number
 from ._config import OUTPUT
+from ._export import AllExits, cut_at
+from ._routing import LEAVE_EVEN, Routing
 from .errors import CaptureError, ConfigError, ConfigTypeError, EarlyExitError
-from .functional import CONFIDENCES, confidence
+from .functional import CONFIDENCES, confidence, patience_streak, predicted_class
 from .wrapper import DeepSupervision
 
 __all__ = [
     "CONFIDENCES",
+    "AllExits",
     "EarlyExit",
     "ExitCosts",
     "ExitRow",
     "ExitTable",
     "all_exits",
     "confidence",
+    "cut_at",
     "search_thresholds",
     "top1",
 ]
@@ -84,11 +99,19 @@ class _Exited(BaseException):
 class _Call:
     """One EarlyExit call: per-tap thresholds, the calls per forward, what ran so far."""
 
-    def __init__(self, thresholds: Mapping[str, float | str], counts: Mapping[str, int]) -> None:
+    def __init__(
+        self,
+        thresholds: Mapping[str, float | str],
+        counts: Mapping[str, int],
+        routing: Routing | None,
+    ) -> None:
         self.thresholds = thresholds
         self.counts = counts
+        self.routing = routing
         self.seen: dict[str, int] = {}
         self.visited: list[str] = []
+        self.streak: torch.Tensor | None = None  # patience: consecutive agreeing exits per row
+        self.last: torch.Tensor | None = None  # patience: the last exit's classes per row
 
 
 class _ExitState:
@@ -109,14 +132,17 @@ class _ExitState:
 
     @contextmanager
     def call(
-        self, thresholds: Mapping[str, float | str], counts: Mapping[str, int]
+        self,
+        thresholds: Mapping[str, float | str],
+        counts: Mapping[str, int],
+        routing: Routing | None = None,
     ) -> Iterator[_Call]:
         if self.current() is not None:
             raise EarlyExitError(
                 "EarlyExit was re-entered on the same thread (called inside its own forward); "
                 "call the model instead"
             )
-        call = _Call(thresholds, counts)
+        call = _Call(thresholds, counts, routing)
         self._local.call = call
         try:
             yield call
@@ -133,7 +159,7 @@ class _ExitHook:
         self.name = name
         self.early = early
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         call = self.state.current()
         if call is None:
             return None
@@ -147,15 +173,48 @@ class _ExitHook:
         if (rule == "first" and n > 1) or (rule == "last" and n != call.counts.get(self.name)):
             return None
         call.visited.append(self.name)
+        if call.routing is not None:
+            return self._route(call, call.routing, output, threshold)
         if threshold == _STOP:
             raise _Exited(self.name, None)
         pred = self.early._predict(self.name, output)
         if threshold == _ALWAYS:
             raise _Exited(self.name, pred)
-        conf = self.early._confidence(self.name, pred)
-        if isinstance(threshold, float) and bool((conf >= threshold).all()):
-            raise _Exited(self.name, pred)
+        if isinstance(threshold, float) and bool(self._leave(call, pred, threshold).all()):
+            raise _Exited(self.name, pred)  # the one host synchronisation of this tap
         return None
+
+    def _leave(self, call: _Call, pred: Any, threshold: float) -> torch.Tensor:
+        """The rows that leave here: confident enough, or (``patience=p``) the p-th exit in a
+        row to predict the same class."""
+        patience = self.early.patience
+        if patience is None:
+            return self.early._confidence(self.name, pred) >= threshold
+        layout = need_layout(
+            self.name, self.early.sup._settings[self.name].pred_layout, pred, "prediction"
+        )
+        cls = predicted_class(pred, layout=layout)
+        call.streak = patience_streak(call.streak, call.last, cls)
+        call.last = cls
+        return call.streak >= patience
+
+    def _route(self, call: _Call, routing: Routing, output: Any, threshold: float | str) -> Any:
+        """Per-sample exit: the confident rows leave here, the tap returns the others."""
+        rows = routing.rows_of(self.name, output)
+        if threshold == LEAVE_EVEN:  # the construction check
+            leave = torch.arange(rows, device=output.device) % 2 == 0
+            pred = None
+        else:
+            pred = self.early._predict(self.name, output)
+            leave = self._leave(call, pred, float(threshold))
+        out = routing.step(self.name, output, leave, pred)
+        if out is None:
+            raise _Exited(self.name, None)
+        if out is output:
+            return None
+        if call.streak is not None and call.last is not None:  # patience: the rows that stay
+            call.streak, call.last = call.streak[routing.kept], call.last[routing.kept]
+        return out
 
     def __repr__(self) -> str:
         return f"deepsup.ExitHook({self.name!r})"
@@ -214,10 +273,20 @@ class EarlyExit(nn.Module):
             meaning surer. A NaN confidence never exits.
         example_input: an input for the dry run that counts each tap's calls per forward
             (otherwise the first input is counted, once).
+        per_sample: exit per row inside a batch. At each exit the confident rows leave and
+            the rest of the model runs on the remaining rows only (the tap's hook returns
+            their rows); the forward returns ``(predictions, exits)``, one prediction row and
+            one exit name per input row, in the input's order, equal to running each sample
+            alone. Needs ``example_input`` (at least 2 rows): at construction a dry run checks
+            that the rows that continue past each exit give the outputs they give in the full
+            batch, and that every exit predicts what the model outputs per row.
 
     Raises:
         EarlyExitError: the forward runs in training mode, under ``torch.compile``, or with a
-            ``sup`` wrapped in DDP or compiled; a tap with ``calls="all"``.
+            ``sup`` wrapped in DDP or compiled; a tap with ``calls="all"``; with
+            ``per_sample=True``, a model that cannot continue on fewer rows after a tap (a
+            U-Net's skip connections, an attention mask, rows mixed across the batch), naming
+            why.
         CaptureError: a tap with ``calls="error"`` runs more than once per forward.
 
     What cannot work: training (a stopped forward has no loss for the rest of the model, and
@@ -242,6 +311,13 @@ class EarlyExit(nn.Module):
         >>> pred, name = early(x)
         >>> name, torch.equal(pred, model(x))
         ('output', True)
+
+        Per-sample exits inside a batch:
+
+        >>> rows = EarlyExit(sup, threshold={"0": 0.4}, per_sample=True, example_input=x)
+        >>> preds, names = rows(torch.randn(5, 4))
+        >>> tuple(preds.shape), len(names), set(names) <= {"0", "output"}
+        ((5, 3), 5, True)
     """
 
     def __init__(
@@ -251,6 +327,8 @@ class EarlyExit(nn.Module):
         *,
         confidence: str | Confidence = "max_softmax",
         example_input: Any = None,
+        per_sample: bool = False,
+        patience: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(sup, DeepSupervision):
@@ -285,6 +363,8 @@ class EarlyExit(nn.Module):
         self.confidence_name = confidence if isinstance(confidence, str) else "callable"
         self.exits = list(sup.taps)
         self._thresholds = _as_thresholds(threshold, self.exits)
+        self._temperatures = dict.fromkeys(self.exits, 1.0)
+        self.patience = None if patience is None else check_int("patience", patience)
         self._state = _ExitState()
         self._heads = [sup.heads[n] for n in self.exits]  # plain list: not registered twice
         self._counts: dict[str, int] | None = None
@@ -292,8 +372,16 @@ class EarlyExit(nn.Module):
             sup.model.get_submodule(name).register_forward_hook(_ExitHook(self, name))
             for name in self.exits
         ]
+        self.per_sample = bool(per_sample)
         self.eval()
-        if example_input is not None:
+        if per_sample:
+            if example_input is None:
+                raise ConfigError(
+                    "per_sample=True needs example_input=, a batch of at least 2 rows, to check "
+                    "at construction that rows can leave at each exit; pass one"
+                )
+            self._check_rows(*as_call(example_input))
+        elif example_input is not None:
             self._count(example_input, None)
 
     # thresholds and state ---------------------------------------------------------------------
@@ -307,18 +395,49 @@ class EarlyExit(nn.Module):
     def thresholds(self, value: float | Mapping[str, float]) -> None:
         self._thresholds = _as_thresholds(value, self.exits)
 
+    @property
+    def temperatures(self) -> dict[str, float]:
+        """``{tap: T}``: each exit's logits are divided by ``T`` before its confidence is
+        taken (1: unchanged; the predictions returned are the heads' own). Set by
+        ``calibrate(temperature=True)``; settable with a float or a dict."""
+        return dict(self._temperatures)
+
+    @temperatures.setter
+    def temperatures(self, value: float | Mapping[str, float]) -> None:
+        given = value if isinstance(value, Mapping) else dict.fromkeys(self.exits, value)
+        unknown = sorted(set(given) - set(self.exits))
+        if unknown:
+            raise ConfigError(
+                f"temperatures name taps {unknown} that are not exits; the exits are {self.exits}"
+            )
+        out = dict(self._temperatures)
+        for e, t in given.items():
+            out[e] = check_number(f"the temperature of exit {e!r}", t, low=0, low_open=True)
+        self._temperatures = out
+
     def get_extra_state(self) -> torch.Tensor:
-        """The thresholds, in exit order, as a float64 tensor (``inf``: off)."""
-        return torch.tensor([self._thresholds[e] for e in self.exits], dtype=torch.float64)
+        """The thresholds (``inf``: off) and the temperatures, in exit order, as a ``(2,
+        exits)`` float64 tensor."""
+        return torch.tensor(
+            [
+                [self._thresholds[e] for e in self.exits],
+                [self._temperatures[e] for e in self.exits],
+            ],
+            dtype=torch.float64,
+        )
 
     def set_extra_state(self, state: Any) -> None:
-        """Restore the thresholds saved by :meth:`get_extra_state`."""
-        if not isinstance(state, torch.Tensor) or state.shape != (len(self.exits),):
+        """Restore what :meth:`get_extra_state` saved (a ``(exits,)`` tensor of thresholds
+        alone, from before temperatures, is read too)."""
+        k = len(self.exits)
+        if not isinstance(state, torch.Tensor) or state.shape not in ((k,), (2, k)):
             raise ConfigError(
-                f"an EarlyExit checkpoint's _extra_state must hold {len(self.exits)} thresholds, "
-                f"one per exit {self.exits} (got {state!r})"
+                f"an EarlyExit checkpoint's _extra_state must hold {k} thresholds and {k} "
+                f"temperatures, one per exit {self.exits}, shape (2, {k}) (got {state!r})"
             )
-        self.thresholds = dict(zip(self.exits, state.tolist()))
+        rows = state.reshape(-1, k).tolist()
+        self.thresholds = dict(zip(self.exits, rows[0]))
+        self.temperatures = dict(zip(self.exits, rows[1] if len(rows) > 1 else [1.0] * k))
 
     def remove(self) -> None:
         """Remove this EarlyExit's hooks from the model (safe to call twice).
@@ -350,6 +469,9 @@ class EarlyExit(nn.Module):
         """The per-sample confidence of exit ``name``'s prediction, checked (a NaN never
         exits: ``NaN >= t`` is False)."""
         kind = self._confidence_kind
+        t = self._temperatures[name]
+        if t != 1.0:
+            pred = pred / t
         if callable(kind):
             conf = call_user(
                 kind, pred, note=lambda: f"deepsup: raised in the confidence of exit {name!r}"
@@ -402,12 +524,33 @@ class EarlyExit(nn.Module):
             self._counts = dict(seen)
         return self._counts
 
+    def _check_rows(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """per_sample=True: rows may leave at every exit (``_routing.check_rows``)."""
+        self._count(args, kwargs)
+        with torch.no_grad():
+            predictions = self.sup.exits(*args, **kwargs)
+        full = predictions.pop(OUTPUT)
+        order = self._run(args, kwargs, dict.fromkeys(self.exits, _NEVER))[2]
+        ordered = {e: predictions[e] for e in order}
+
+        def run(thresholds: Mapping[str, Any]) -> tuple[Any, Routing]:
+            routing = Routing()
+            return self._run(args, kwargs, thresholds, routing)[0], routing
+
+        _routing.check_rows(run, full, ordered)
+
     def _run(
-        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], thresholds: Mapping[str, Any]
+        self,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        thresholds: Mapping[str, Any],
+        routing: Routing | None = None,
     ) -> tuple[Any, str, list[str]]:
+        """The stopped forward: ``(prediction, exit, taps visited)``; with ``routing``, the
+        model's output for the rows that reached it (``None`` if none did)."""
         self._check_usable()
         counts = self._count(args, kwargs)
-        with torch.no_grad(), self._state.call(thresholds, counts) as call:
+        with torch.no_grad(), self._state.call(thresholds, counts, routing) as call:
             try:
                 output = self.sup.model(*args, **kwargs)
             except _Exited as stop:
@@ -421,10 +564,16 @@ class EarlyExit(nn.Module):
                 )
         return output, OUTPUT, call.visited
 
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, str]:
-        """``(prediction, exit name)``; ``(model(*args, **kwargs), "output")`` if none fires."""
-        prediction, name, _ = self._run(args, kwargs, self._thresholds)
-        return prediction, name
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """``(prediction, exit name)``; ``(model(*args, **kwargs), "output")`` if none fires.
+        With ``per_sample=True``: ``(predictions, exits)``, one row and one exit name per
+        input row, in the input's order."""
+        if not self.per_sample:
+            prediction, name, _ = self._run(args, kwargs, self._thresholds)
+            return prediction, name
+        routing = Routing()
+        output = self._run(args, kwargs, self._thresholds, routing)[0]
+        return routing.assemble(output)
 
     # measurement (deepsup/_calibration.py) ----------------------------------------------------
 
@@ -451,13 +600,16 @@ class EarlyExit(nn.Module):
     def calibrate(
         self,
         loader: Iterable[Any],
-        max_drop: float = 0.01,
+        max_drop: float | None = None,
         *,
+        budget: float | None = None,
+        temperature: bool = False,
         metric: Callable[[Any, Any], torch.Tensor] | None = None,
         grid: int = 64,
         timing_runs: int = 20,
     ) -> ExitTable:
-        """Pick the thresholds that minimise measured compute within ``max_drop`` accuracy.
+        """Pick the thresholds that minimise measured compute within ``max_drop`` accuracy
+        (or, with ``budget``, maximise accuracy within a compute budget).
 
         Runs every head on every sample of ``loader`` (held-out data, ``(input, target)``
         batches) once, then searches per-exit thresholds (coordinate descent over ``grid``
@@ -472,7 +624,16 @@ class EarlyExit(nn.Module):
         Args:
             loader: an iterable of ``(input, target)``; ``input`` a tensor, a tuple of
                 arguments or a dict of keyword arguments.
-            max_drop: the accuracy the early exit may lose against the model's output.
+            max_drop: the accuracy the early exit may lose against the model's output
+                (default 0.01).
+            budget: instead of ``max_drop``, a compute budget: the thresholds with the best
+                accuracy at a mean FLOPs per sample of at most ``budget`` times the model's
+                (``0 < budget <= 1``).
+            temperature: first fit each exit's temperature on ``loader`` (the cross-entropy of
+                ``logits / T``, :func:`deepsup.functional.fit_temperature`), set
+                :attr:`temperatures`, and search the thresholds on the scaled confidences;
+                the table gives each exit's ``T`` and its expected calibration error before
+                and after.
             metric: ``metric(prediction, target) -> (B,)`` per-sample score in [0, 1]
                 (default :func:`top1`, along each exit's class axis).
             grid: candidate thresholds per exit (at least 1).
@@ -495,7 +656,14 @@ class EarlyExit(nn.Module):
             (True, 1.0)
         """
         return _calibration.calibrate(
-            self, loader, max_drop, metric=metric, grid=grid, timing_runs=timing_runs
+            self,
+            loader,
+            max_drop,
+            budget=budget,
+            temperature=temperature,
+            metric=metric,
+            grid=grid,
+            timing_runs=timing_runs,
         )
 
     def evaluate(
@@ -525,7 +693,10 @@ class EarlyExit(nn.Module):
         return _calibration.evaluate(self, loader, metric=metric)
 
     def extra_repr(self) -> str:
-        return f"thresholds={self._thresholds}, confidence={self.confidence_name!r}"
+        extra = f", patience={self.patience}" if self.patience is not None else ""
+        if self.per_sample:
+            extra += ", per_sample=True"
+        return f"thresholds={self._thresholds}, confidence={self.confidence_name!r}{extra}"
 
     def __prepare_scriptable__(self) -> NoReturn:
         raise EarlyExitError(

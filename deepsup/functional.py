@@ -65,7 +65,11 @@ __all__ = [
     "criterion_layout",
     "distillation_kl",
     "downsample",
+    "expected_calibration_error",
     "first_tensor",
+    "fit_temperature",
+    "patience_streak",
+    "predicted_class",
     "reconcile",
     "teacher_like",
     "upsample",
@@ -664,31 +668,33 @@ def distillation_kl(
     return temperature**2 * kl.mean()
 
 
-def _probabilities(prediction: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Class probabilities with classes at dim 1: softmax, or (p, 1 - p) for a single logit."""
-    x = channels_first(prediction.float(), layout)
-    if x.shape[1] == 1:
-        p = x.sigmoid()
-        return torch.cat([p, 1 - p], dim=1)
-    return x.softmax(1)
-
-
 def _per_sample(values: torch.Tensor) -> torch.Tensor:
     """(B,) or (B, *positions) -> (B,): dense predictions average over positions."""
     return values.flatten(1).mean(1) if values.dim() > 1 else values
 
 
+def _at_least_float(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when float32 or float64 (no copy), else in float32."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _max_probability(prediction: torch.Tensor, layout: Layout) -> torch.Tensor:
-    return _per_sample(_probabilities(prediction, layout).amax(1))
+    x = channels_first(_at_least_float(prediction), layout)
+    if x.shape[1] == 1:  # max(p, 1 - p) = sigmoid(|z|), without building (p, 1 - p)
+        return _per_sample(x[:, 0].abs().sigmoid())
+    return _per_sample(x.softmax(1).amax(1))
 
 
 def _margin(prediction: torch.Tensor, layout: Layout) -> torch.Tensor:
-    top = _probabilities(prediction, layout).topk(2, dim=1).values
+    x = channels_first(_at_least_float(prediction), layout)
+    if x.shape[1] == 1:  # |p - (1 - p)| = tanh(|z| / 2)
+        return _per_sample((x[:, 0].abs() / 2).tanh())
+    top = x.softmax(1).topk(2, dim=1).values
     return _per_sample(top[:, 0] - top[:, 1])
 
 
 def _entropy(prediction: torch.Tensor, layout: Layout) -> torch.Tensor:
-    log_p = _log_probabilities(channels_first(prediction.float(), layout))
+    log_p = _log_probabilities(channels_first(_at_least_float(prediction), layout))
     h = -(log_p.exp() * log_p).sum(1)
     return _per_sample(1.0 - h / math.log(log_p.shape[1]))
 
@@ -722,3 +728,126 @@ def confidence(
             f"(got {kind!r})"
         )
     return CONFIDENCES[kind](prediction, layout)
+
+
+# --------------------------------------------------------------------------- exit rules
+
+
+def predicted_class(prediction: torch.Tensor, *, layout: Layout = "NCHW") -> torch.Tensor:
+    """The predicted class of logits: the argmax over the class axis, ``(B,)`` or
+    ``(B, *positions)``; a single logit is binary (``z > 0``).
+
+    Example:
+        >>> predicted_class(torch.tensor([[0.1, 2.0, 0.3], [5.0, 0.0, 0.0]]))
+        tensor([1, 0])
+        >>> predicted_class(torch.tensor([[-1.0], [2.0]]))
+        tensor([0, 1])
+    """
+    x = channels_first(prediction, layout)
+    if x.dim() >= 2 and x.shape[1] == 1:
+        return (x[:, 0] > 0).long()
+    return x.argmax(1)
+
+
+def patience_streak(
+    streak: torch.Tensor | None, previous: torch.Tensor | None, current: torch.Tensor
+) -> torch.Tensor:
+    """How many consecutive exits up to this one agree, per sample (PABEE's patience rule).
+
+    ``current`` holds this exit's predicted classes (``(B,)``, or ``(B, *positions)``: a
+    sample agrees when every position does), ``previous`` the last exit's and ``streak`` the
+    count there (``None`` at the first exit: the streak starts at 1). A sample whose class
+    equals the previous exit's extends its streak by one, the others restart at 1. An early
+    exit with ``patience=p`` leaves at the first exit where the streak reaches ``p`` (PABEE's
+    patience ``t`` is ``p = t + 1``: ``t`` unchanged predictions after the first).
+
+    Example:
+        >>> s = patience_streak(None, None, torch.tensor([2, 0, 1]))
+        >>> s = patience_streak(s, torch.tensor([2, 0, 1]), torch.tensor([2, 1, 1]))
+        >>> s.tolist()
+        [2, 1, 2]
+    """
+    if streak is None or previous is None:
+        return torch.ones(current.shape[0], dtype=torch.long, device=current.device)
+    same = (current == previous).flatten(1).all(1) if current.dim() > 1 else current == previous
+    return torch.where(same, streak + 1, torch.ones_like(streak))
+
+
+def expected_calibration_error(
+    confidence: torch.Tensor, correct: torch.Tensor, *, bins: int = 15
+) -> torch.Tensor:
+    """Expected calibration error: ``sum_b |B_b| / N * |accuracy(B_b) - confidence(B_b)|``
+    over ``bins`` equal-width confidence bins ``(k/bins, (k+1)/bins]`` (0 falls in the first).
+
+    ``confidence`` is each sample's confidence in its predicted class (the max softmax),
+    ``correct`` whether that prediction is right (bool or 0/1), both ``(N,)``. NaN confidences
+    are left out.
+
+    Example:
+        >>> conf = torch.tensor([0.9, 0.9, 0.6, 0.6])
+        >>> correct = torch.tensor([1, 1, 1, 0])
+        >>> round(float(expected_calibration_error(conf, correct, bins=10)), 6)  # 0.4 / 4
+        0.1
+    """
+    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
+        raise ConfigError(f"bins must be an int >= 1 (got {bins!r})")
+    if confidence.shape != correct.shape or confidence.dim() != 1:
+        raise ConfigError(
+            f"confidence and correct must be (N,) tensors of one shape (got "
+            f"{tuple(confidence.shape)} and {tuple(correct.shape)})"
+        )
+    keep = ~confidence.isnan()
+    conf = confidence[keep].double()
+    hit = correct[keep].double()
+    if conf.numel() == 0:
+        return torch.tensor(0.0, dtype=torch.float64)
+    index = (conf * bins).ceil().long().clamp(1, bins) - 1
+    gap = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, hit - conf)
+    return gap.abs().sum() / conf.numel()
+
+
+def fit_temperature(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    layout: Layout = "NCHW",
+    low: float = 0.05,
+    high: float = 20.0,
+    steps: int = 60,
+) -> float:
+    """The temperature ``T`` that minimises the cross-entropy of ``prediction / T`` on
+    ``target`` (temperature scaling, Guo et al. 2017): a golden-section search over
+    ``log T`` in ``[low, high]``. Scaling by ``T`` keeps the predicted class; it only makes
+    the confidences honest, so that one threshold means the same at every exit.
+
+    ``prediction``: logits ``(N, K)`` or dense, classes along ``layout``'s axis (a single
+    logit: binary, through the sigmoid); ``target``: class indices.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> logits = 2 * torch.randn(4000, 3)
+        >>> y = torch.multinomial(logits.softmax(1), 1)[:, 0]  # calibrated: y ~ softmax(logits)
+        >>> round(fit_temperature(3 * logits, y), 1)  # 3x over-confident: T = 3
+        3.0
+    """
+    x = channels_first(prediction.detach().double(), layout)
+    if x.shape[1] == 1:
+        x = torch.cat([torch.zeros_like(x), x], dim=1)  # sigmoid(z) = softmax((0, z))
+
+    def nll(log_t: float) -> float:
+        return float(F.cross_entropy(x / math.exp(log_t), target.long()))
+
+    a, b = math.log(low), math.log(high)
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = nll(c), nll(d)
+    for _ in range(steps):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = nll(d)
+    return math.exp((a + b) / 2)

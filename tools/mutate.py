@@ -953,6 +953,67 @@ MUTATIONS: list[Mutation] = [
         'x = x[:, 0] if self.pool == "cls" else x.mean(dim=1)',
         'x = x[:, -1] if self.pool == "cls" else x.mean(dim=1)',
     ),
+    # issue 18
+    Mutation(
+        "routing.keep-leaving-rows",
+        "deepsup/_routing.py",
+        "return order[:stay], order[stay:], n",
+        "return order[stay:], order[:stay], n",
+    ),
+    Mutation(
+        "routing.rows-not-updated",
+        "deepsup/_routing.py",
+        "self.rows = rows[keep]",
+        "self.rows = rows[: keep.numel()]",
+    ),
+    Mutation(
+        "routing.check-tolerates-any-difference",
+        "deepsup/_routing.py",
+        "rtol=1e-4,",
+        "rtol=1e4,",
+    ),
+    Mutation(
+        "exits.route-ignores-threshold",
+        "deepsup/exits.py",
+        "return self.early._confidence(self.name, pred) >= threshold",
+        "return self.early._confidence(self.name, pred) > threshold",
+    ),
+    Mutation(
+        "exits.patience-state-not-subset",
+        "deepsup/exits.py",
+        "call.streak, call.last = call.streak[routing.kept], call.last[routing.kept]",
+        "call.streak, call.last = call.streak, call.last",
+    ),
+    Mutation(
+        "exits.temperature-ignored",
+        "deepsup/exits.py",
+        "            pred = pred / t\n",
+        "            pred = pred\n",
+    ),
+    Mutation(
+        "functional.patience-no-restart",
+        "deepsup/functional.py",
+        "return torch.where(same, streak + 1, torch.ones_like(streak))",
+        "return torch.where(same, streak + 1, streak)",
+    ),
+    Mutation(
+        "functional.ece-signed-gap",
+        "deepsup/functional.py",
+        "return gap.abs().sum() / conf.numel()",
+        "return gap.sum().abs() / conf.numel()",
+    ),
+    Mutation(
+        "calibration.budget-ignored",
+        "deepsup/_calibration.py",
+        "if cost <= limit + 1e-9 and (gain or cheaper):",
+        "if gain or cheaper:",
+    ),
+    Mutation(
+        "export.cut-at-first-call-always",
+        "deepsup/_export.py",
+        'nodes[name] = calls[-1] if rule == "last" else calls[0]',
+        "nodes[name] = calls[0]",
+    ),
 ]
 
 # Survivors judged equivalent: the mutant cannot change what deepsup computes.
@@ -1063,7 +1124,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.list:
         for m in chosen:
-            ok = _apply((ROOT / m.file).read_text(), m) is not None
+            path = ROOT / m.file
+            ok = path.exists() and _apply(path.read_text(), m) is not None
             print(f"{m.name:45s} {m.file:22s} {'applies' if ok else 'NOT APPLICABLE'}")
         return 0
 
