@@ -1,0 +1,145 @@
+"""Early-exit training of causal LMs: heads.reuse, NextToken, curricula, speculative decoding.
+
+Tiny Hugging Face models built from configs (no downloads): Llama and GPT-2.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from deepsup import DeepSupervision, heads
+from deepsup.errors import ConfigError, ConfigTypeError
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 61
+
+
+def tiny_llama(layers: int = 4, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(layers: int = 4, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=layers,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def exit_head(model: nn.Module) -> heads.Reuse:
+    if hasattr(model, "transformer"):
+        return heads.reuse(model.transformer.ln_f, model.lm_head)
+    return heads.reuse(model.model.norm, model.lm_head)
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    prefix = "transformer.h" if hasattr(model, "transformer") else "model.layers"
+    n = model.config.num_hidden_layers
+    return [f"{prefix}.{i}" for i in range(n)]
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+# ------------------------------------------------------------------------------ heads.reuse
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_reuse_is_one_shared_head_with_the_models_parameters(kind: str) -> None:
+    model = MODELS[kind]()
+    head = exit_head(model)
+    taps = layer_names(model)[:-1]
+    sup = DeepSupervision(model, taps, head=head)
+    assert all(sup.heads[t] is head for t in taps)
+    assert all(a is b for a, b in zip(head.reused, head.reused))
+    assert head.reused[-1] is model.lm_head
+    # parameters once: exactly the model's, no head copies
+    assert [id(p) for p in sup.parameters()] == [id(p) for p in model.parameters()]
+    keys = list(sup.state_dict())
+    assert [k for k in keys if not k.startswith("model.")] == ["_extra_state"]
+    assert sup.unwrap() is model
+    assert model.lm_head is head.reused[-1]
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_reuse_gradients_of_every_exit_accumulate(kind: str) -> None:
+    model = MODELS[kind]().train()
+    for m in model.modules():  # dropout off: the reference forward must be the same
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    taps = layer_names(model)[:-1]
+    sup = DeepSupervision(model, dict.fromkeys(taps, 1.0), head=exit_head(model))
+    ids = torch.randint(0, VOCAB, (2, 9))
+    out, preds = sup(input_ids=ids)
+    total = sum(p.float().square().mean() for p in preds.values())
+    total.backward()
+    got = model.lm_head.weight.grad.clone()
+    # reference: hidden states of the bare model, through its own final norm and lm_head
+    model.zero_grad()
+    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    norm = model.transformer.ln_f if kind == "gpt2" else model.model.norm
+    ref = sum(model.lm_head(norm(h)).float().square().mean() for h in hidden[1:-1])
+    ref.backward()
+    torch.testing.assert_close(got, model.lm_head.weight.grad)
+
+
+def test_reuse_deepcopy_keeps_the_sharing_inside_the_copy() -> None:
+    model = tiny_llama(2)
+    sup = DeepSupervision(model, ["model.layers.0"], head=exit_head(model))
+    twin = copy.deepcopy(sup)
+    assert twin.heads["model.layers.0"].reused[-1] is twin.model.lm_head
+    assert twin.model.lm_head is not model.lm_head
+
+
+def test_untied_heads_per_exit_stay_possible() -> None:
+    model = tiny_llama(3)
+    untied = nn.Sequential(copy.deepcopy(model.model.norm), copy.deepcopy(model.lm_head))
+    sup = DeepSupervision(model, ["model.layers.0", "model.layers.1"], head=untied)
+    a, b = sup.heads["model.layers.0"], sup.heads["model.layers.1"]
+    assert a is not b and a[1].weight is not b[1].weight
+    torch.testing.assert_close(a[1].weight, model.lm_head.weight)
+    n_model = len(list(model.parameters()))
+    assert len(list(sup.parameters())) == n_model + 2 * 2  # norm weight, lm_head weight each
+
+
+def test_reuse_refuses_modules_outside_the_model() -> None:
+    model = tiny_llama(2)
+    with pytest.raises(ConfigError, match="not a module of the wrapped LlamaForCausalLM"):
+        DeepSupervision(model, ["model.layers.0"], head=heads.reuse(nn.Linear(32, VOCAB)))
+    with pytest.raises(ConfigError, match="at least one module"):
+        heads.reuse()
+    with pytest.raises(ConfigTypeError, match=r"argument 1 must be an nn\.Module"):
+        heads.reuse(model.lm_head, "lm_head")  # type: ignore[arg-type]
+
+
+def test_reuse_eval_is_the_bare_model() -> None:
+    model = tiny_gpt2(2)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    ref = model(input_ids=ids).logits
+    sup = DeepSupervision(model, ["transformer.h.0"], head=exit_head(model)).eval()
+    assert torch.equal(sup(input_ids=ids).logits, ref)
