@@ -9,10 +9,13 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
-from deepsup import DeepSupervision, heads
-from deepsup.errors import ConfigError, ConfigTypeError
+from deepsup import DeepSupervision, heads, losses
+from deepsup import functional as DF
+from deepsup.errors import ConfigError, ConfigTypeError, TargetError
 
 transformers = pytest.importorskip("transformers")
 
@@ -143,3 +146,94 @@ def test_reuse_eval_is_the_bare_model() -> None:
     ref = model(input_ids=ids).logits
     sup = DeepSupervision(model, ["transformer.h.0"], head=exit_head(model)).eval()
     assert torch.equal(sup(input_ids=ids).logits, ref)
+
+
+# ------------------------------------------------------------------------------ NextToken
+
+
+def hf_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
+
+
+def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # right padding
+    mask[2, 5:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_next_token_equals_hf_loss_per_exit_bitwise(kind: str) -> None:
+    model = MODELS[kind]()
+    taps = layer_names(model)
+    head = exit_head(model)
+    sup = DeepSupervision(model, dict.fromkeys(taps, 1.0), head=head, criterion=losses.NextToken())
+    sup.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    ids, mask, labels = padded_batch()
+    out, aux = sup(input_ids=ids, attention_mask=mask, target=labels)
+    hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for i, tap in enumerate(taps):
+        ref = hf_loss(head(hidden[i + 1]) if i + 1 < len(taps) else out.logits, labels)
+        assert torch.equal(aux.raw[tap], ref.detach()), tap
+        assert torch.equal(aux[tap], ref.detach() * 1.0)
+    # the model's own labels= loss is NextToken on its output, to the bit
+    own = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.equal(losses.NextToken()(out.logits, labels), own)
+
+
+def test_next_token_upcasts_like_hf_and_ignores() -> None:
+    logits = torch.randn(2, 7, VOCAB, dtype=torch.bfloat16)
+    _, _, labels = padded_batch()
+    labels = labels[:2, :7]
+    assert torch.equal(losses.NextToken()(logits, labels), hf_loss(logits, labels))
+    # no label left: 0, not NaN (HF gives NaN)
+    none = torch.full((2, 7), -100)
+    none[:, 0] = 3  # only the first token: no position predicts it
+    assert losses.NextToken()(logits, none).item() == 0.0
+    assert torch.isnan(hf_loss(logits, none))
+    with pytest.raises(TargetError, match=r"logits \(B, T, V\)"):
+        losses.NextToken()(logits[:, :, 0], labels)
+
+
+def test_causal_labels_shift_and_mask() -> None:
+    ids, mask, labels = padded_batch()
+    got = DF.causal_labels(ids, attention_mask=mask)
+    assert torch.equal(got[:, :-1], labels[:, 1:])
+    assert (got[:, -1] == -100).all()
+    assert torch.equal(DF.causal_labels(labels), got)
+    with pytest.raises(TargetError, match="integer tensor"):
+        DF.causal_labels(ids.float())
+    with pytest.raises(TargetError, match="attention_mask must have"):
+        DF.causal_labels(ids, attention_mask=mask[:, :3])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.integers(1, 9),
+    st.integers(2, 12),
+    st.integers(0, 2**16),
+)
+def test_next_token_matches_a_direct_computation(b: int, t: int, v: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, t, v, generator=g, requires_grad=True)
+    labels = torch.randint(-1, v, (b, t), generator=g).masked_fill_(
+        torch.rand(b, t, generator=g) < 0.3, -100
+    )
+    terms = [
+        -torch.log_softmax(logits[i, j], -1)[labels[i, j + 1]]
+        for i in range(b)
+        for j in range(t - 1)
+        if labels[i, j + 1] >= 0
+    ]
+    ref = torch.stack(terms).mean() if terms else torch.tensor(0.0)
+    got = losses.NextToken()(logits, labels.where(labels >= 0, -100))
+    torch.testing.assert_close(got, ref)
