@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from deepsup import DeepSupervision, heads, losses
+from deepsup import DeepSupervision, heads, losses, schedules
 from deepsup import functional as DF
 from deepsup.errors import ConfigError, ConfigTypeError, TargetError
 
@@ -237,3 +237,102 @@ def test_next_token_matches_a_direct_computation(b: int, t: int, v: int, seed: i
     ref = torch.stack(terms).mean() if terms else torch.tensor(0.0)
     got = losses.NextToken()(logits, labels.where(labels >= 0, -100))
     torch.testing.assert_close(got, ref)
+
+
+# ------------------------------------------------------------------ depth scales, curricula
+
+
+def torchtune_scales(rule: str, layer_ids: list[int], n_layers: int, e: float) -> list[float]:
+    """torchtune's early_exit_loss scales (modules/early_exit_loss.py), re-derived."""
+    ids = torch.tensor(layer_ids, dtype=torch.float64)
+    r = {
+        "one": torch.ones_like(ids),
+        "l": ids + 1,
+        "sum_l": torch.cumsum(ids + 1, 0),
+        "inv_l": 1 / (ids + 1),
+        "sqrt_l": torch.sqrt(ids + 1),
+        "inv_sqrt_l": 1 / torch.sqrt(ids + 1),
+    }[rule]
+    r = r * torch.where(ids < n_layers - 1, torch.full_like(ids, e), torch.ones_like(ids))
+    return (r / r.sum()).tolist()
+
+
+@pytest.mark.parametrize("rule", schedules.DEPTH_SCALES)
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_depth_weights_are_torchtunes_up_to_one_factor(rule: str, scale: float) -> None:
+    taps = [f"model.layers.{i}" for i in range(7)]
+    ours = schedules.depth_weights(taps, rule, scale=scale)
+    ref = torchtune_scales(rule, list(range(8)), 8, scale)
+    factor = ref[-1]  # ours has the main loss at weight 1
+    for t, r in zip(taps, ref[:-1]):
+        assert ours[t] == pytest.approx(r / factor, rel=1e-12)
+
+
+def test_curricula_schedules() -> None:
+    taps = [f"l.{i}" for i in range(3)]
+    rot = schedules.rotational(taps, schedules.depth_weights(taps, "l"), every=2)
+    on = [[n for n, s in rot.items() if s(t) > 0] for t in range(8)]
+    assert on == [["l.0"], ["l.0"], ["l.1"], ["l.1"], ["l.2"], ["l.2"], ["l.0"], ["l.0"]]
+    assert rot["l.2"](4) == 0.75
+    grad = schedules.gradual(taps, total=100, fraction=0.5, layers=4)
+    first_on = {n: next(t for t in range(101) if s(t) > 0) for n, s in grad.items()}
+    assert first_on == {"l.0": 50, "l.1": 38, "l.2": 25}  # deepest first
+    with pytest.raises(ConfigError, match="rule must be one of"):
+        schedules.depth_weights(taps, "exp")
+    with pytest.raises(ConfigError, match="without the taps"):
+        schedules.rotational(taps, {"l.0": 1.0})
+    with pytest.raises(ConfigTypeError, match="list of tap names"):
+        schedules.gradual("l.0", total=3)
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *args: object) -> None:
+        self.calls += 1
+
+
+def test_a_tap_at_weight_zero_runs_no_head_and_builds_no_graph() -> None:
+    model = tiny_llama(4).train()
+    taps = layer_names(model)[:-1]
+    sup = DeepSupervision(
+        model, schedules.rotational(taps), head=exit_head(model), criterion=losses.NextToken()
+    )
+    calls = Counter()
+    model.lm_head.register_forward_hook(calls)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    for step in range(len(taps)):
+        calls.calls = 0
+        out, aux = sup(input_ids=ids, target=ids)
+        assert calls.calls == 2  # the model's own output and the one active exit
+        active = taps[step]
+        assert list(aux.raw) == [active]
+        for t in taps:
+            assert (aux[t].grad_fn is not None) == (t == active)
+            if t != active:
+                assert aux[t].item() == 0.0
+        # the gradient is that of the one active exit
+        model.zero_grad()
+        sum(aux.values()).backward()
+        got = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        ref = losses.NextToken()(model.lm_head(model.model.norm(hidden[step + 1])), ids)
+        ref.backward()
+        for g, p in zip(got, model.parameters()):
+            if g is None:
+                assert p.grad is None
+            else:
+                torch.testing.assert_close(g, p.grad)
+        sup.step()
+
+
+def test_a_head_with_parameters_still_runs_at_weight_zero() -> None:
+    model = tiny_llama(3).train()
+    untied = nn.Sequential(nn.RMSNorm(32), nn.Linear(32, VOCAB))
+    sup = DeepSupervision(model, {"model.layers.0": 0.0}, head=untied, criterion=losses.NextToken())
+    ids = torch.randint(0, VOCAB, (2, 8))
+    _, aux = sup(input_ids=ids, target=ids)
+    assert aux["model.layers.0"].grad_fn is not None  # multiplied by 0: DDP sees its grads
+    assert "model.layers.0" in aux.raw
