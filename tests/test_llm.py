@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from deepsup import DeepSupervision, heads, losses, schedules
+from deepsup import DeepSupervision, SelfSpeculativeDecoder, heads, losses, schedules
 from deepsup import functional as DF
-from deepsup.errors import ConfigError, ConfigTypeError, TargetError
+from deepsup.errors import ConfigError, ConfigTypeError, TargetError, UsageError
 
 transformers = pytest.importorskip("transformers")
 
@@ -336,3 +336,64 @@ def test_a_head_with_parameters_still_runs_at_weight_zero() -> None:
     _, aux = sup(input_ids=ids, target=ids)
     assert aux["model.layers.0"].grad_fn is not None  # multiplied by 0: DDP sees its grads
     assert "model.layers.0" in aux.raw
+
+
+# -------------------------------------------------------------- self-speculative decoding
+
+
+def greedy(model: nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
+    return model.generate(
+        ids,
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("draft", [1, 3])
+def test_speculative_output_equals_greedy_decoding(kind: str, draft: int) -> None:
+    model = MODELS[kind](4, seed=1)
+    taps = layer_names(model)[:-1]
+    sup = DeepSupervision(model, taps, head=exit_head(model)).eval()
+    g = torch.Generator().manual_seed(2)
+    decoders = [SelfSpeculativeDecoder(sup, exit=t, draft_tokens=draft) for t in taps]
+    for i in range(12):  # many prompts, every exit
+        prompt = torch.randint(
+            0, VOCAB, (1, int(torch.randint(1, 12, (1,), generator=g))), generator=g
+        )
+        n = 6 + i % 5
+        dec = decoders[i % len(decoders)]
+        got = dec.generate(prompt, max_new_tokens=n)
+        assert torch.equal(got, greedy(model, prompt, n)), (i, dec.exit)
+        assert 0 <= dec.stats.accepted <= dec.stats.drafted
+    # the hooks only act inside a draft: eval is still the bare model
+    ids = torch.randint(0, VOCAB, (1, 5))
+    assert torch.equal(sup(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_speculative_accepts_every_draft_from_the_last_layer() -> None:
+    model = tiny_llama(3, seed=3)
+    sup = DeepSupervision(model, ["model.layers.2"], head=exit_head(model)).eval()
+    dec = SelfSpeculativeDecoder(sup, exit="model.layers.2", draft_tokens=4)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    assert torch.equal(dec.generate(prompt, max_new_tokens=9), greedy(model, prompt, 9))
+    assert dec.stats.drafted > 0 and dec.stats.acceptance == pytest.approx(1.0)
+
+
+def test_speculative_misuse() -> None:
+    model = tiny_gpt2(2)
+    sup = DeepSupervision(model, ["transformer.h.0"], head=exit_head(model))
+    with pytest.raises(ConfigError, match="not a tap of the wrapper"):
+        SelfSpeculativeDecoder(sup, exit="transformer.h.1")
+    dec = SelfSpeculativeDecoder(sup, exit="transformer.h.0")
+    sup.train()
+    with pytest.raises(UsageError, match=r"call sup\.eval"):
+        dec.generate(torch.tensor([[1, 2]]), max_new_tokens=2)
+    sup.eval()
+    with pytest.raises(UsageError, match="one sequence"):
+        dec.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=2)
+    dec.remove()
+    assert len(model.transformer.h[0]._forward_hooks) == 1  # the wrapper's own tap hook
