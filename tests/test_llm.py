@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from deepsup import DeepSupervision, SelfSpeculativeDecoder, heads, losses, schedules
+from deepsup import (
+    DeepSupervision,
+    LayerDropout,
+    SelfSpeculativeDecoder,
+    heads,
+    losses,
+    schedules,
+)
 from deepsup import functional as DF
 from deepsup.errors import ConfigError, ConfigTypeError, TargetError, UsageError
 
@@ -397,3 +404,44 @@ def test_speculative_misuse() -> None:
         dec.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=2)
     dec.remove()
     assert len(model.transformer.h[0]._forward_hooks) == 1  # the wrapper's own tap hook
+
+
+# ------------------------------------------------------------------------------ layer dropout
+
+
+def test_layer_dropout_skips_rows_deeper_more_often_and_leaves_eval_alone() -> None:
+    model = tiny_llama(3).train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    ids = torch.randint(0, VOCAB, (64, 5))
+    ref = model.eval()(input_ids=ids, output_hidden_states=True).hidden_states
+    drop = LayerDropout(model, layer_names(model)[:2], p_max=1.0)
+    assert drop.p == {"model.layers.0": 0.0, "model.layers.1": 1.0}
+    model.eval()
+    assert torch.equal(model(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    seen: dict[int, torch.Tensor] = {}
+
+    def record(i: int):  # type: ignore[no-untyped-def]
+        return lambda m, args, kwargs: seen.__setitem__(
+            i, args[0] if args else kwargs["hidden_states"]
+        )
+
+    hooks = [
+        layer.register_forward_pre_hook(record(i), with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)
+    ]
+    model.train()(input_ids=ids)
+    torch.testing.assert_close(seen[1], ref[1])  # layer 0: never skipped
+    assert torch.equal(seen[2], seen[1])  # layer 1: always skipped, its input passes through
+    drop.remove()
+    half = LayerDropout(model, ["model.layers.1"], p_max=0.5)
+    torch.manual_seed(0)
+    model(input_ids=ids)
+    skipped = (seen[2] == seen[1]).flatten(1).all(1)
+    assert 15 < int(skipped.sum()) < 49  # per sample, about half of 64
+    half.remove()
+    for h in hooks:
+        h.remove()
+    with pytest.raises(ConfigError, match="not a submodule"):
+        LayerDropout(model, ["model.layers.9"], p_max=0.1)
