@@ -415,11 +415,11 @@ def test_layer_dropout_skips_rows_deeper_more_often_and_leaves_eval_alone() -> N
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     ids = torch.randint(0, VOCAB, (64, 5))
-    ref = model.eval()(input_ids=ids, output_hidden_states=True).hidden_states
+    bare = model.eval()(input_ids=ids, output_hidden_states=True)
+    ref = bare.hidden_states
     drop = LayerDropout(model, layer_names(model)[:2], p_max=1.0)
     assert drop.p == {"model.layers.0": 0.0, "model.layers.1": 1.0}
-    model.eval()
-    assert torch.equal(model(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    assert torch.equal(model(input_ids=ids).logits, bare.logits)  # eval: untouched
     seen: dict[int, torch.Tensor] = {}
 
     def record(i: int):  # type: ignore[no-untyped-def]

@@ -540,6 +540,18 @@ MUTATIONS: list[Mutation] = [
         "n = int(matches.sum())",
     ),
     Mutation(
+        "layerdrop.eval-not-spared",
+        "deepsup/layerdrop.py",
+        "if not module.training or self.p == 0.0:",
+        "if self.p == 0.0:",
+    ),
+    Mutation(
+        "layerdrop.whole-batch-skipped",
+        "deepsup/layerdrop.py",
+        "keep = torch.rand(x.shape[0], device=x.device) >= self.p",
+        "keep = torch.rand((), device=x.device).expand(x.shape[0]) >= self.p",
+    ),
+    Mutation(
         "speculative.cache-not-cut-before-verify",
         "deepsup/speculative.py",
         "cut_cache(cache, done)  # the drafted entries of the shared layers",
