@@ -445,3 +445,24 @@ def test_layer_dropout_skips_rows_deeper_more_often_and_leaves_eval_alone() -> N
         h.remove()
     with pytest.raises(ConfigError, match="not a submodule"):
         LayerDropout(model, ["model.layers.9"], p_max=0.1)
+
+
+@pytest.mark.slow
+def test_compiled_wrapper_follows_the_rotating_exit() -> None:
+    model = tiny_llama(3).train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    taps = layer_names(model)[:-1]
+    sup = DeepSupervision(
+        model, schedules.rotational(taps), head=exit_head(model), criterion=losses.NextToken()
+    )
+    compiled = torch.compile(sup)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    for step in range(3):
+        sup.progress = step
+        _, want = sup(input_ids=ids, target=ids)
+        _, got = compiled(input_ids=ids, target=ids)
+        assert list(got.raw) == [taps[step % len(taps)]]
+        for k in want:
+            torch.testing.assert_close(got[k], want[k])
