@@ -38,12 +38,16 @@ from ._state import param_groups as param_groups
 from ._version import __version__ as __version__
 from .errors import DeepSupError as DeepSupError
 from .exits import EarlyExit as EarlyExit
+from .layerdrop import LayerDropout as LayerDropout
+from .speculative import SelfSpeculativeDecoder as SelfSpeculativeDecoder
 from .wrapper import DeepSupervision as DeepSupervision
 
 __all__ = [
     "DeepSupError",
     "DeepSupervision",
     "EarlyExit",
+    "LayerDropout",
+    "SelfSpeculativeDecoder",
     "Tap",
     "__version__",
     "diagnostics",

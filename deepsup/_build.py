@@ -24,6 +24,7 @@ from .errors import (
     DeepSupWarning,
     HeadError,
 )
+from .heads import Reuse
 
 __all__ = ["Built", "HeadDict", "build_heads", "check_batch", "need_layout", "run_head"]
 
@@ -108,9 +109,11 @@ def build_heads(
     count (and ``layout=`` when it takes either layout), a ready module used as is (deep-copied
     when several taps share it)."""
     uses: dict[int, int] = {}
-    for spec in specs.values():
+    for name, spec in specs.items():
         if isinstance(spec, nn.Module):
             uses[id(spec)] = uses.get(id(spec), 0) + 1
+        if isinstance(spec, Reuse):
+            check_reused(model, name, spec)
     out = Built({}, {}, {})
     for name, spec in specs.items():
         s = settings[name]
@@ -136,7 +139,9 @@ def build_heads(
                     DeepSupWarning,
                     stacklevel=4,
                 )
-            head = copy.deepcopy(spec) if uses[id(spec)] > 1 else spec
+            # a Reuse head runs the model's own modules: shared by every tap, never copied
+            copied = uses[id(spec)] > 1 and not isinstance(spec, Reuse)
+            head = copy.deepcopy(spec) if copied else spec
         else:
             count = s.in_channels if s.in_channels is not None else channels
             if count is None:
@@ -168,6 +173,20 @@ def build_heads(
         out.heads[name] = head
         out.settings[name] = dataclasses.replace(s, layout=layout, pred_layout=pred_layout)
     return out
+
+
+def check_reused(model: nn.Module, name: str, head: Reuse) -> None:
+    """Every module a :class:`~deepsup.heads.Reuse` head runs must be part of ``model``:
+    else its parameters would be in no ``parameters()`` at all, and never trained."""
+    own = {id(m) for m in model.modules()}
+    for m in head.reused:
+        if id(m) not in own:
+            raise ConfigError(
+                f"tap {name!r}: heads.reuse() got a {type(m).__name__} that is not a module of "
+                f"the wrapped {type(model).__name__}, so its parameters would be in no "
+                "optimizer; pass modules of the model itself (e.g. model.lm_head), or a ready "
+                "module (nn.Sequential(...)) for an untied head of its own"
+            )
 
 
 def _no_channels(

@@ -11,6 +11,7 @@ these; none of them re-derives a rule. Use them directly for custom training loo
   :func:`downsample`);
 - :func:`teacher_like`: the model's output as the teacher of a prediction;
 - :func:`call_criterion`: a criterion called with classes where it wants them;
+- :func:`causal_labels`: next-token labels (the causal shift, ignore label, padding);
 - :func:`distillation_kl`, :func:`confidence`: along the class axis of the layout; a
   single-logit (binary) prediction is a Bernoulli variable, through the sigmoid.
 
@@ -61,6 +62,7 @@ __all__ = [
     "TARGET_MODES",
     "aux_loss",
     "call_criterion",
+    "causal_labels",
     "confidence",
     "criterion_layout",
     "distillation_kl",
@@ -851,3 +853,57 @@ def fit_temperature(
             d = a + ratio * (b - a)
             fd = nll(d)
     return math.exp((a + b) / 2)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def causal_labels(
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The next-token labels of a causal LM: position ``t`` is taught token ``t + 1``.
+
+    The shift of Hugging Face's ``ForCausalLMLoss``: ``labels`` padded with ``ignore_index``
+    on the right and shifted left by one, so the last position has no label. Positions whose
+    token is padding (``attention_mask == 0``) are ignored too.
+
+    Args:
+        labels: token ids ``(B, T)`` (``ignore_index`` where no loss is wanted).
+        ignore_index: the label that is ignored.
+        attention_mask: ``(B, T)``, 1 for real tokens and 0 for padding; None: no padding.
+
+    Returns:
+        ``(B, T)`` int64 labels, aligned with the logits ``(B, T, V)``.
+
+    Raises:
+        TargetError: ``labels`` is not an integer tensor with a sequence dim, or the mask's
+            shape differs.
+
+    Example:
+        >>> causal_labels(torch.tensor([[5, 6, 7, 8]]), attention_mask=torch.tensor([[1, 1, 1, 0]]))
+        tensor([[   6,    7, -100, -100]])
+    """
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dim() < 1:
+        raise TargetError(
+            "labels must be an integer tensor of token ids (B, T) (got "
+            f"{_describe(labels)}); pass the input ids, or ids with {ignore_index} where no "
+            "loss is wanted"
+        )
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != labels.shape:
+            raise TargetError(
+                f"attention_mask must have the labels' shape {tuple(labels.shape)} (got "
+                f"{_describe(attention_mask)}); pass the mask the model was given"
+            )
+        labels = labels.masked_fill(attention_mask == 0, ignore_index)
+    padded = F.pad(labels, (0, 1), value=ignore_index)
+    return padded[..., 1:].contiguous()
+
+
+def _describe(t: Any) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} tensor of shape {tuple(t.shape)}"
+    return type(t).__name__

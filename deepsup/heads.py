@@ -30,14 +30,16 @@ from torch import nn
 
 from ._checks import check_int
 from ._layout import Layout, check_layout
-from .errors import ConfigError
+from .errors import ConfigError, ConfigTypeError
 
 __all__ = [
     "ClassificationHead",
     "HeadFactory",
+    "Reuse",
     "SegHead",
     "TokenHead",
     "classification",
+    "reuse",
     "seg",
     "tokens",
 ]
@@ -280,3 +282,79 @@ def tokens(num_classes: int, *, pool: Literal["mean", "cls"] = "mean") -> HeadFa
     check_int("num_classes", num_classes)
     _check_pool(pool)
     return _Factory("tokens", TokenHead, ("NHWC", "NCHW"), num_classes=num_classes, pool=pool)
+
+
+class Reuse(nn.Module):
+    """One head that runs modules of the model itself, in order; made by :func:`reuse`.
+
+    The modules are held in a plain tuple, not registered as submodules: their parameters
+    belong to the model only, so they appear once in ``sup.parameters()`` and once in
+    ``sup.state_dict()`` (under ``model.``), and :meth:`DeepSupervision.unwrap` leaves them
+    where they were. ``DeepSupervision`` never copies a ``Reuse`` head: every tap that uses it
+    runs the same modules, and their gradients from every exit add up in the same parameters.
+
+    Args:
+        modules: modules of the wrapped model, run one after the other.
+        layout: the layout of the tapped features they take; ``"NHWC"`` (channels last) fits
+            tokens ``(B, T, C)``. The prediction keeps it (logits ``(B, T, V)``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> norm, unembed = nn.LayerNorm(8), nn.Linear(8, 5)
+        >>> head = Reuse(norm, unembed)
+        >>> head(torch.randn(2, 3, 8)).shape, len(list(head.parameters()))
+        (torch.Size([2, 3, 5]), 0)
+    """
+
+    def __init__(self, *modules: nn.Module, layout: Layout = "NHWC") -> None:
+        super().__init__()
+        if not modules:
+            raise ConfigError(
+                "heads.reuse() needs at least one module of the model, e.g. "
+                "heads.reuse(model.model.norm, model.lm_head)"
+            )
+        for i, m in enumerate(modules):
+            if not isinstance(m, nn.Module):
+                raise ConfigTypeError(
+                    f"heads.reuse: argument {i} must be an nn.Module of the model (got "
+                    f"{type(m).__name__}); pass the modules themselves, e.g. model.lm_head"
+                )
+        self.layout = check_layout(layout)
+        self.output_layout: Layout = self.layout
+        # a tuple is not registered by nn.Module.__setattr__: the parameters stay the model's
+        self.reused: tuple[nn.Module, ...] = tuple(modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: Any = x
+        for m in self.reused:
+            out = m(out)
+        return out  # type: ignore[no-any-return]
+
+    def extra_repr(self) -> str:
+        return ", ".join(type(m).__name__ for m in self.reused)
+
+
+def reuse(*modules: nn.Module, layout: Layout = "NHWC") -> Reuse:
+    """One head, shared by every tap, that runs the model's own ``modules`` in order.
+
+    The LayerSkip early-exit head of a causal LM: every layer's hidden state through the
+    model's own final norm and unembedding (``heads.reuse(model.model.norm, model.lm_head)``
+    for a Hugging Face Llama, ``heads.reuse(model.transformer.ln_f, model.lm_head)`` for
+    GPT-2). Never copied: the parameters appear once and collect the gradient of every exit.
+    The modules must belong to the wrapped model (``DeepSupervision`` checks it). For an
+    untied head per exit, pass a ready module instead (``nn.Sequential(copy.deepcopy(norm),
+    copy.deepcopy(lm_head))``): a ready module shared by several taps is copied per tap.
+
+    Example:
+        >>> from torch import nn
+        >>> from deepsup import DeepSupervision
+        >>> model = nn.Sequential(
+        ...     nn.Linear(4, 4), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+        ... )
+        >>> head = reuse(model[2], model[3])
+        >>> sup = DeepSupervision(model, ["0", "1"], head=head)
+        >>> sup.heads["0"] is sup.heads["1"] is head, len(list(sup.parameters()))
+        (True, 8)
+    """
+    return Reuse(*modules, layout=layout)

@@ -32,14 +32,22 @@ import math
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._checks import is_number
 from ._layout import Layout, check_layout
 from .errors import ConfigError, ConfigTypeError, TargetError
-from .functional import call_criterion, distillation_kl, teacher_like, wants_teacher
+from .functional import (
+    call_criterion,
+    causal_labels,
+    distillation_kl,
+    teacher_like,
+    wants_teacher,
+)
 
 __all__ = [
+    "NextToken",
     "SelfDistillation",
     "TeacherCriterion",
     "distillation_kl",
@@ -176,3 +184,59 @@ class SelfDistillation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}"
+
+
+class NextToken(nn.Module):
+    """Next-token prediction: the causal LM loss, per exit, on ``(B, T, V)`` logits.
+
+    The cross-entropy of position ``t``'s logits with token ``t + 1``
+    (:func:`deepsup.functional.causal_labels`), averaged over the labels that are not
+    ``ignore_index``: the same operations as Hugging Face's ``ForCausalLMLoss`` (logits
+    upcast to float32, the labels padded and shifted, ``F.cross_entropy`` with mean
+    reduction), so each exit's loss equals the one the model's own ``labels=`` loss would give
+    on that exit's logits, to the bit. One difference: a batch with no label left gives 0, where
+    a mean over nothing is NaN. With padding, pass labels with ``ignore_index`` at the padded
+    positions (``labels.masked_fill(attention_mask == 0, -100)``, as HF's collators do).
+
+    Use it as ``DeepSupervision(criterion=NextToken())`` with ``target=input_ids`` and a
+    :func:`deepsup.heads.reuse` head (the model's final norm and ``lm_head``).
+
+    Args:
+        ignore_index: the label that is not predicted (HF's -100).
+
+    Shape:
+        - prediction: logits ``(B, T, V)`` (classes last).
+        - target: token ids ``(B, T)``, not shifted.
+        - output: a scalar.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.zeros(1, 4, 10)
+        >>> loss = NextToken()(logits, torch.tensor([[1, 2, 3, -100]]))
+        >>> round(float(loss), 4)  # log(10): two labelled positions, uniform logits
+        2.3026
+    """
+
+    layout: Layout = "NHWC"  # classes last: call_criterion hands (B, T, V) as is
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        super().__init__()
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ConfigTypeError(f"ignore_index must be an int (got {ignore_index!r})")
+        self.ignore_index = ignore_index
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if prediction.dim() != 3 or target.shape != prediction.shape[:2]:
+            raise TargetError(
+                f"NextToken takes logits (B, T, V) and token ids (B, T) (got prediction "
+                f"{tuple(prediction.shape)}, target {tuple(target.shape)}); tap decoder "
+                "layers that return (B, T, C) and use a head that gives logits per token, "
+                "such as heads.reuse(model.model.norm, model.lm_head)"
+            )
+        labels = causal_labels(target, ignore_index=self.ignore_index).reshape(-1)
+        logits = prediction.float().reshape(-1, prediction.shape[-1])
+        loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
+        return torch.where((labels != self.ignore_index).any(), loss, 0.0)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}"

@@ -133,7 +133,10 @@ class DeepSupervision(nn.Module):
         detached, for logging), or a plain dict ``{tap: prediction}`` when ``criterion=None``.
         The weight is applied exactly, as ``weight * loss`` in the loss's dtype would;
         ``sup.step()`` may run between the forward and its backward (the backward uses the
-        forward's weight). ``target`` may also be a dict ``{tap: target}``. Eval:
+        forward's weight). A tap whose weight is 0 and whose head has no parameters of its
+        own (:func:`deepsup.heads.reuse`) runs no head: its entry is a constant 0 without
+        graph and it has no ``raw`` entry (DDP-safe: the reused parameters get the main loss's
+        gradient). ``target`` may also be a dict ``{tap: target}``. Eval:
         ``sup(*args, **kwargs)`` returns ``model(*args, **kwargs)``; ``target=`` is accepted
         and ignored.
 
@@ -238,6 +241,11 @@ class DeepSupervision(nn.Module):
         self._progress = 0
         # float64, and kept float64 by _apply: every float weight is exact in it
         self.register_buffer("_weight_values", weight_tensor(self._settings, 0), persistent=False)
+        # heads without parameters of their own (heads.reuse): skipped while their weight is 0
+        self._paramless = frozenset(
+            n for n in self._settings if next(self.heads[n].parameters(), None) is None
+        )
+        self._off = self._skipped(0)
         self._unwrapped = False
 
     # weights and progress -------------------------------------------------------------------
@@ -259,8 +267,16 @@ class DeepSupervision(nn.Module):
         value = check_int("progress", value, minimum=0)
         values = weight_tensor(self._settings, value)  # checked before anything changes
         self._progress = value
+        self._off = self._skipped(value)
         with torch.no_grad():  # in place: a compiled forward reads the same buffer (no recompile)
             self._weight_values.copy_(values)
+
+    def _skipped(self, progress: int) -> frozenset[str]:
+        """The taps whose head does not run at ``progress``: weight 0 and no parameters of
+        their own, so no rank of ``DistributedDataParallel`` waits for a gradient of theirs
+        (a head with parameters still runs, its loss multiplied by 0)."""
+        values = weight_values(self._settings, progress)
+        return frozenset(n for n, w in zip(self._settings, values) if w == 0) & self._paramless
 
     def step(self, n: int = 1) -> None:
         """Advance the weight schedules by ``n`` (call once per iteration, or per epoch).
@@ -378,6 +394,10 @@ class DeepSupervision(nn.Module):
         raw: dict[str, Any] = {}
         pyramid: dict[Any, torch.Tensor] = {}  # this forward's downsampled targets, shared
         for i, (name, s) in enumerate(self._settings.items()):
+            if name in self._off and s.criterion is not None:
+                # weight 0, a head without parameters (heads.reuse): no head runs, no graph
+                losses[name] = torch.zeros((), device=self._weight_values.device)
+                continue
             preds = self._predictions(name, feats[name])
             if s.criterion is None:
                 losses[name] = preds if s.calls == "all" else preds[0]

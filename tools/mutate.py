@@ -1014,6 +1014,80 @@ MUTATIONS: list[Mutation] = [
         'nodes[name] = calls[-1] if rule == "last" else calls[0]',
         "nodes[name] = calls[0]",
     ),
+    # issue 17
+    Mutation(
+        "build.reuse-head-copied",
+        "deepsup/_build.py",
+        "copied = uses[id(spec)] > 1 and not isinstance(spec, Reuse)",
+        "copied = uses[id(spec)] > 1",
+    ),
+    Mutation(
+        "build.reuse-foreign-module-accepted",
+        "deepsup/_build.py",
+        "        if id(m) not in own:",
+        "        if False:",
+    ),
+    Mutation(
+        "wrapper.zero-weight-reuse-head-runs",
+        W,
+        "if name in self._off and s.criterion is not None:",
+        "if False:",
+    ),
+    Mutation(
+        "wrapper.zero-weight-skips-own-parameters",
+        W,
+        "if w == 0) & self._paramless",
+        "if w == 0)",
+    ),
+    Mutation(
+        "losses.next-token-no-shift",
+        "deepsup/losses.py",
+        "labels = causal_labels(target, ignore_index=self.ignore_index).reshape(-1)",
+        "labels = target.reshape(-1)",
+    ),
+    Mutation(
+        "functional.causal-labels-mask-ignored",
+        "deepsup/functional.py",
+        "labels = labels.masked_fill(attention_mask == 0, ignore_index)",
+        "pass",
+    ),
+    Mutation("schedules.sum-l-is-l", S, "depth * (depth + 1) / 2", "float(depth)"),
+    Mutation(
+        "schedules.rotational-ignores-every",
+        S,
+        "(step // self.every) % self.count == self.index",
+        "step % self.count == self.index",
+    ),
+    Mutation(
+        "schedules.gradual-shallow-first",
+        S,
+        "self.fraction * (self.count - self.index) / self.count",
+        "self.fraction * (self.index + 1) / self.count",
+    ),
+    Mutation(
+        "speculative.accepts-after-a-mismatch",
+        "deepsup/speculative.py",
+        "n = int(matches.cumprod(0).sum())",
+        "n = int(matches.sum())",
+    ),
+    Mutation(
+        "layerdrop.eval-not-spared",
+        "deepsup/layerdrop.py",
+        "if not module.training or self.p == 0.0:",
+        "if self.p == 0.0:",
+    ),
+    Mutation(
+        "layerdrop.whole-batch-skipped",
+        "deepsup/layerdrop.py",
+        "keep = torch.rand(x.shape[0], device=x.device) >= self.p",
+        "keep = torch.rand((), device=x.device).expand(x.shape[0]) >= self.p",
+    ),
+    Mutation(
+        "speculative.cache-not-cut-before-verify",
+        "deepsup/speculative.py",
+        "cut_cache(cache, done)  # the drafted entries of the shared layers",
+        "pass",
+    ),
 ]
 
 # Survivors judged equivalent: the mutant cannot change what deepsup computes.

@@ -34,6 +34,11 @@ EXAMPLES: dict[str, tuple[schedules.Schedule, ...]] = {
         schedules.CosineDecay(0.4, total=800, end=0.1),
     ),
     "Cutoff": (schedules.Cutoff(0.4, at=600),),
+    "Rotational": (schedules.Rotational(0, 4, 0.4, every=100),),
+    "Gradual": (
+        schedules.Gradual(0, 4, 0.4, total=1000),
+        schedules.Gradual(2, 4, 0.3, total=1000),
+    ),
 }
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "assets" / "schedules"
 
