@@ -51,9 +51,14 @@ from torch import nn
 from tqdm import tqdm
 
 from deepsup import DeepSupervision, heads, schedules
+from deepsup.balance import GradientBound, UncertaintyWeighting, project_conflicts
 from deepsup.diagnostics import gradient_flow
 
-VARIANTS = ("plain", "ds", "ds-decay")
+VARIANTS = ("plain", "ds", "ds-decay", "ds-bound", "ds-uncertainty", "ds-pcgrad")
+DEFAULT_VARIANTS = VARIANTS[:3]
+# ds-bound: deepsup.balance.GradientBound at --bound (each aux gradient at most that times the
+# rest where it enters the network); ds-uncertainty: UncertaintyWeighting over the main and aux
+# losses, starting at --aux-weight; ds-pcgrad: project_conflicts on the model's parameters.
 # Seconds per epoch of one run of the default 10-layer network on one thread, cores free (the
 # project's 2-core AMD EPYC, torch 2.14.1); the start-up line scales it by runs, epochs, depth.
 SECONDS_PER_EPOCH = 0.4
@@ -92,7 +97,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=["0", "1", "2"],
         help="integers and ranges A-B; 0-2 tuned the configuration, 100-109 are held out",
     )
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
+    p.add_argument("--bound", type=float, default=1.0, help="ds-bound's max ratio")
     p.add_argument("--test-size", type=int, default=497, help="held-out digits (fixed split)")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: the numbers of docs/evidence.md)"
@@ -169,6 +175,8 @@ def wrap(
 ) -> DeepSupervision:
     """The model with companion heads on ``args.taps``, or with none (``plain``: the baseline)."""
     weight: float | schedules.Schedule = args.aux_weight
+    if variant == "ds-uncertainty":  # the learned weights replace the taps'
+        weight = 1.0
     if variant == "ds-decay":
         weight = schedules.LinearDecay(args.aux_weight, total=total_steps)
     return DeepSupervision(
@@ -192,7 +200,15 @@ def train(
     steps = math.ceil(len(y_train) / args.batch_size)
     net = wrap(model, variant, args, total_steps=args.epochs * steps)
     torch.manual_seed(seed)  # the same batch order in every variant
-    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
+    params = list(net.parameters())
+    weighting = None
+    if variant == "ds-uncertainty":
+        names = ["main", *net.taps]
+        weighting = UncertaintyWeighting(names, dict.fromkeys(net.taps, args.aux_weight))
+        params += list(weighting.parameters())
+    if variant == "ds-bound":
+        GradientBound(net, args.bound)
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum)
     criterion = nn.CrossEntropyLoss()
     curve: list[float] = []
     losses: list[float] = []
@@ -205,9 +221,13 @@ def train(
             x, y = x_train[index], y_train[index]
             output, aux = net(x, target=y)  # plain: aux is {}
             main = criterion(output, y)
-            loss = main + sum(aux.values())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if variant == "ds-pcgrad":
+                project_conflicts(main, aux, list(model.parameters()), list(net.heads.parameters()))
+            elif weighting is not None:
+                weighting({"main": main, **aux}).backward()
+            else:
+                (main + sum(aux.values())).backward()
             optimizer.step()
             net.step()
             total += main.item() * len(y)
