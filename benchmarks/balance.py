@@ -30,9 +30,9 @@ from _common import (
 from torch import nn
 
 sys.path.insert(0, str(ROOT / "examples"))
-from deep_plain_net import PlainNet, parse_args, wrap  # noqa: E402
+from deep_plain_net import PlainNet, parse_args, wrap
 
-from deepsup.balance import GradientBound, UncertaintyWeighting, project_conflicts  # noqa: E402
+from deepsup.balance import GradientBound, UncertaintyWeighting, project_conflicts
 
 
 def step_fn(variant: str) -> Callable[[], None]:
