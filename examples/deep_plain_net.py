@@ -23,7 +23,8 @@ held-out seeds of docs/evidence.md; 0-2 tuned the configuration).
 It reports test accuracy (mean +- std over seeds), each seed's accuracy paired against ``plain``
 (mean difference, 95% t-interval, paired t, wins, collapsed runs below 20%), the convergence
 curves, and the gradient flow of the initial network (``deepsup.diagnostics.gradient_flow``):
-how much gradient each layer gets from the main loss and from each companion loss. The defaults take about 75 s on 2 CPU cores::
+how much gradient each layer gets from the main loss and from each companion loss. The defaults
+take about 75 s on 2 CPU cores::
 
     python examples/deep_plain_net.py
 
