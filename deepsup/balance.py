@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
 from ._checks import check_number
+from ._split import Slot, attach
 from .errors import ConfigError, UsageError
 from .wrapper import DeepSupervision
 
@@ -29,60 +29,21 @@ __all__ = ["GradientBound", "UncertaintyWeighting", "project_conflicts"]
 # --------------------------------------------------------------------------- gradient bound
 
 
-class _Slot:
-    """One head call's record: the aux gradient at the head's input, and the scale applied."""
-
-    def __init__(self) -> None:
-        self.aux: torch.Tensor | None = None
-        self.scale = 1.0
-
-
-class _Split(torch.autograd.Function):
-    """Identity whose backward notes the gradient coming from the head (the aux loss alone)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, slot: _Slot) -> torch.Tensor:
-        ctx.slot = slot
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        ctx.slot.aux = grad
-        return grad, None
-
-
 class _Bound:
-    """Tensor hook on the tapped feature: the total gradient there is ``rest + aux``; returns
-    ``rest + s aux`` with ``s = min(1, max_ratio |rest| / |aux|)``."""
+    """``on_total`` of the split: ``rest + s aux`` with ``s = min(1, max_ratio |rest| / |aux|)``,
+    the scale noted per tap."""
 
-    def __init__(self, slot: _Slot, max_ratio: float) -> None:
-        self.slot, self.max_ratio = slot, max_ratio
+    def __init__(self, max_ratio: float, scales: dict[str, list[float]]) -> None:
+        self.max_ratio, self.scales = max_ratio, scales
 
-    def __call__(self, total: torch.Tensor) -> torch.Tensor | None:
-        aux = self.slot.aux
-        if aux is None:
-            return None
+    def __call__(self, slot: Slot, total: torch.Tensor) -> torch.Tensor | None:
+        assert slot.aux is not None
+        aux = slot.aux
         rest = total - aux
         a, r = float(aux.norm()), float(rest.norm())
         scale = 1.0 if a <= self.max_ratio * r or a == 0.0 else self.max_ratio * r / a
-        self.slot.scale = scale
+        self.scales.setdefault(slot.tap, []).append(scale)
         return None if scale == 1.0 else rest + scale * aux
-
-
-class _Attach:
-    """Forward pre-hook on a head: feeds it ``_Split(x)`` and hooks ``x``'s total gradient."""
-
-    def __init__(self, tap: str, bound: GradientBound) -> None:
-        self.tap, self.bound = tap, bound
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or not x.requires_grad or not torch.is_grad_enabled():
-            return None
-        slot = _Slot()
-        self.bound.slots.setdefault(self.tap, []).append(slot)
-        x.register_hook(_Bound(slot, self.bound.max_ratio))  # type: ignore[no-untyped-call]
-        return (_Split.apply(x, slot), *args[1:])
 
 
 class GradientBound:
@@ -131,15 +92,13 @@ class GradientBound:
                     "feature and the split of the gradient cannot be read there; drop clone=True "
                     "(use a head that does not change its input in place)"
                 )
-        self.slots: dict[str, list[_Slot]] = {}
-        self._handles = [
-            head.register_forward_pre_hook(_Attach(name, self)) for name, head in sup.heads.items()
-        ]
+        self._scales: dict[str, list[float]] = {}
+        self._handles = attach(sup.heads, _Bound(self.max_ratio, self._scales))
 
     def scales(self) -> dict[str, list[float]]:
         """Per tap, the scale ``s`` of each head call since the last call (then forgotten)."""
-        out = {name: [s.scale for s in slots] for name, slots in self.slots.items()}
-        self.slots = {}
+        out = {name: list(values) for name, values in self._scales.items()}
+        self._scales.clear()
         return out
 
     def remove(self) -> None:
