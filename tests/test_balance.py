@@ -142,3 +142,36 @@ def test_project_conflicts_removes_only_the_conflicting_part() -> None:
     assert cos["a"] == pytest.approx(-2 / math.sqrt(13)) and cos["b"] == pytest.approx(2**-0.5)
     with pytest.raises(UsageError, match="no shared parameter"):
         project_conflicts(w[0], {}, [])
+
+
+def test_gradient_monitor_equals_autograd_and_changes_nothing() -> None:
+    from deepsup.diagnostics import GradientMonitor
+
+    sup, x, y = _net(weight=2.0, seed=3)
+    g_main, g_aux = _split_at_feature(sup, x, y)
+    sup.zero_grad()
+    out, aux = sup(x, target=y)
+    main = nn.functional.cross_entropy(out, y)
+    (main + sum(aux.values())).backward()
+    plain = [p.grad.clone() for p in sup.parameters()]
+    monitor = GradientMonitor(sup)
+    sup.zero_grad()
+    out, aux = sup(x, target=y)
+    main = nn.functional.cross_entropy(out, y)
+    (main + sum(aux.values())).backward()
+    row = monitor.record(main, aux)
+    split = row["taps"]["1"]
+    assert split["aux"] == pytest.approx(float(g_aux.norm()), rel=1e-5)
+    assert split["rest"] == pytest.approx(float(g_main.norm()), rel=1e-5)
+    cos = float(g_aux.flatten() @ g_main.flatten() / (g_aux.norm() * g_main.norm()))
+    assert split["cosine"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
+    assert row["losses"]["main"] == pytest.approx(float(main)) and set(row["losses"]) == {
+        "main",
+        "1",
+    }
+    first = sup.model[0]
+    norm = torch.cat([first.weight.grad.flatten(), first.bias.grad.flatten()]).norm()
+    assert row["layers"]["0"] == pytest.approx(float(norm))
+    for p, g in zip(sup.parameters(), plain):  # the monitor only reads
+        torch.testing.assert_close(p.grad, g)
+    monitor.remove()
