@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from deepsup import DeepSupervision, heads, schedules
 from deepsup.balance import GradientBound, UncertaintyWeighting, project_conflicts
-from deepsup.diagnostics import gradient_flow
+from deepsup.diagnostics import GradientMonitor, gradient_flow
 
 VARIANTS = ("plain", "ds", "ds-decay", "ds-bound", "ds-uncertainty", "ds-pcgrad")
 DEFAULT_VARIANTS = VARIANTS[:3]
@@ -106,6 +106,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     p.add_argument("--bound", type=float, default=1.0, help="ds-bound's max ratio")
+    p.add_argument(
+        "--monitor",
+        action="store_true",
+        help="record per epoch, at each tap, the aux gradient and the rest's (norms, cosine) with "
+        "deepsup.diagnostics.GradientMonitor, and the heads' losses (in results.json)",
+    )
     p.add_argument("--test-size", type=int, default=497, help="held-out digits (fixed split)")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: the numbers of docs/evidence.md)"
@@ -217,6 +223,8 @@ def train(
         GradientBound(net, args.bound)
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum)
     criterion = nn.CrossEntropyLoss()
+    monitor = GradientMonitor(net) if args.monitor and variant != "plain" else None
+    monitored: list[dict[str, Any]] = []
     curve: list[float] = []
     losses: list[float] = []
     start = time.perf_counter()
@@ -235,10 +243,15 @@ def train(
                 weighting({"main": main, **aux}).backward()
             else:
                 (main + sum(aux.values())).backward()
+            if monitor is not None:
+                monitor.record(main, aux)
             optimizer.step()
             net.step()
             total += main.item() * len(y)
         losses.append(total / len(y_train))
+        if monitor is not None:
+            monitored.append(epoch_mean(monitor.rows))
+            monitor.rows.clear()
         curve.append(accuracy(model, x_test, y_test))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", test_acc=f"{100 * curve[-1]:.1f}")
     return {
@@ -247,8 +260,25 @@ def train(
         "test_acc": curve,
         "train_loss": losses,
         "final_acc": curve[-1],
+        "monitor": monitored,
         "time_s": time.perf_counter() - start,
     }
+
+
+def epoch_mean(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The mean over an epoch's ``GradientMonitor`` rows of each loss and of each tap's split.
+
+    >>> rows = [{"losses": {"main": 2.0}, "taps": {"b": {"aux": 1.0, "rest": 3.0, "cosine": 0.5}}},
+    ...         {"losses": {"main": 1.0}, "taps": {"b": {"aux": 3.0, "rest": 1.0, "cosine": 0.0}}}]
+    >>> epoch_mean(rows)
+    {'losses': {'main': 1.5}, 'taps': {'b': {'aux': 2.0, 'rest': 2.0, 'cosine': 0.25}}}
+    """
+    losses = {k: mean(r["losses"][k] for r in rows) for k in rows[0]["losses"]}
+    taps = {
+        t: {k: mean(r["taps"][t][k] for r in rows) for k in rows[0]["taps"][t]}
+        for t in rows[0]["taps"]
+    }
+    return {"losses": losses, "taps": taps}
 
 
 @torch.no_grad()
