@@ -165,7 +165,7 @@ def test_gradient_monitor_equals_autograd_and_changes_nothing() -> None:
     assert split["rest"] == pytest.approx(float(g_main.norm()), rel=1e-5)
     cos = float(g_aux.flatten() @ g_main.flatten() / (g_aux.norm() * g_main.norm()))
     assert split["cosine"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
-    assert row["losses"]["main"] == pytest.approx(float(main)) and set(row["losses"]) == {
+    assert row["losses"]["main"] == pytest.approx(float(main.detach())) and set(row["losses"]) == {
         "main",
         "1",
     }
