@@ -23,6 +23,7 @@ import importlib
 import warnings
 from typing import Any
 
+from . import balance as balance
 from . import diagnostics as diagnostics
 from . import errors as errors
 from . import exits as exits
@@ -50,6 +51,7 @@ __all__ = [
     "SelfSpeculativeDecoder",
     "Tap",
     "__version__",
+    "balance",
     "diagnostics",
     "errors",
     "exits",

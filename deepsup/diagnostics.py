@@ -33,12 +33,14 @@ from ._capture import as_call
 from ._discovery import TapInfo as TapInfo
 from ._discovery import format_taps as format_taps
 from ._discovery import list_taps
+from ._split import Slot, attach
 from .errors import DiagnosticsError
 from .wrapper import DeepSupervision
 
 __all__ = [
     "DiagnosticsError",
     "GradientFlow",
+    "GradientMonitor",
     "TapInfo",
     "TapSuggestion",
     "format_taps",
@@ -582,3 +584,83 @@ def suggest_taps(
 
 def _fmt(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape[1:]) if len(shape) > 1 else str(tuple(shape))
+
+
+# --------------------------------------------------------------------------- during training
+
+
+class _Record:
+    """``on_total`` of the split: notes |aux|, |rest| and their cosine at the head's input."""
+
+    def __init__(self, taps: dict[str, dict[str, float]]) -> None:
+        self.taps = taps
+
+    def __call__(self, slot: Slot, total: torch.Tensor) -> None:
+        assert slot.aux is not None
+        aux, rest = slot.aux.flatten(), (total - slot.aux).flatten()
+        self.taps[slot.tap] = {
+            "aux": float(aux.norm()),
+            "rest": float(rest.norm()),
+            "cosine": _cosine(aux, rest),
+        }
+
+
+class GradientMonitor:
+    """A cheap per-step record of the gradients during training, from the ordinary backward.
+
+    At each tap's head input it splits the gradient into the part the tap's aux loss sends
+    (``aux``) and the rest (``rest``: the main loss and the deeper taps' aux losses; with one
+    tap, the main loss's exactly), with their norms and cosine; :meth:`record`, called after
+    ``backward()``, adds the losses and the gradient norm of every parameter-owning module
+    (from ``.grad``) and appends the row to :attr:`rows`. No second backward: the per-loss split
+    is known at the taps only; :func:`gradient_flow` gives it at every layer (one backward per
+    loss), e.g. every few hundred steps.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from deepsup import DeepSupervision, heads
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> sup = DeepSupervision(model, {"1": 0.5}, head=heads.classification(3),
+        ...                       criterion=nn.CrossEntropyLoss())
+        >>> monitor = GradientMonitor(sup)
+        >>> y = torch.tensor([0, 1, 2, 0])
+        >>> out, aux = sup(torch.randn(4, 4), target=y)
+        >>> main = nn.functional.cross_entropy(out, y)
+        >>> (main + sum(aux.values())).backward()
+        >>> row = monitor.record(main, aux)
+        >>> sorted(row), sorted(row["taps"]["1"])
+        (['layers', 'losses', 'step', 'taps'], ['aux', 'cosine', 'rest'])
+        >>> monitor.remove()
+    """
+
+    def __init__(self, sup: DeepSupervision) -> None:
+        self.sup = sup
+        self.rows: list[dict[str, Any]] = []
+        self._taps: dict[str, dict[str, float]] = {}
+        self._handles = attach(sup.heads, _Record(self._taps))
+
+    def record(self, main: torch.Tensor, aux: Any = None) -> dict[str, Any]:
+        """The row of this step (after ``backward()``): losses, the split at each tap, and the
+        gradient norm of every module of the model that owns parameters."""
+        losses = {"main": float(main.detach())}
+        for name, value in dict(aux or {}).items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                losses[name] = float(value.detach())
+        layers = {}
+        for name, module in _owners(self.sup.model).items():
+            grads = [p.grad.flatten() for p in module.parameters(recurse=False)
+                     if p.grad is not None]  # fmt: skip
+            if grads:
+                layers[name] = float(torch.cat(grads).norm())
+        row = {"step": len(self.rows), "losses": losses, "taps": dict(self._taps),
+               "layers": layers}  # fmt: skip
+        self._taps.clear()
+        self.rows.append(row)
+        return row
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []

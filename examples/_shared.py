@@ -12,19 +12,25 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "Paired",
     "about",
     "epochs_to",
     "format_mean_std",
+    "format_paired",
     "free_cpus",
     "load_average",
     "mean_std",
+    "paired_stats",
+    "paired_table",
+    "parse_seeds",
     "permutation_split",
     "set_threads",
     "stratified_split",
@@ -175,6 +181,211 @@ def epochs_to(curve: Sequence[float], level: float) -> int | None:
         None
     """
     return next((i + 1 for i, v in enumerate(curve) if v >= level), None)
+
+
+# --------------------------------------------------------------------------- paired statistics
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A variant against a baseline over the same seeds (:func:`paired_stats`).
+
+    Attributes:
+        n: the seeds (pairs).
+        mean: the mean of the per-seed differences, variant - baseline.
+        low, high: its 95% t-interval (``mean -+ t_{0.975, n-1} sd / sqrt(n)``); nan for n < 2.
+        t: the paired t statistic, ``mean / (sd / sqrt(n))`` (scipy's ``ttest_rel``); nan for
+            n < 2, +-inf when every difference is the same non-zero number.
+        p: its two-sided p-value, n - 1 degrees of freedom.
+        wins: seeds where the variant is above the baseline (``losses``: below).
+        collapsed: runs of the variant below ``collapse_below`` (0 when none was given).
+        baseline_collapsed: runs of the baseline below it.
+    """
+
+    n: int
+    mean: float
+    low: float
+    high: float
+    t: float
+    p: float
+    wins: int
+    losses: int
+    collapsed: int
+    baseline_collapsed: int
+
+
+def paired_stats(
+    variant: Sequence[float], baseline: Sequence[float], *, collapse_below: float | None = None
+) -> Paired:
+    """The paired difference of ``variant`` and ``baseline``, one value each per seed, in the
+    same seed order: mean, 95% t-interval, paired t and its p-value, wins and collapsed runs.
+
+    Args:
+        variant: one result per seed (e.g. the final test accuracy).
+        baseline: the baseline's result on the same seeds.
+        collapse_below: a run whose result is below it has collapsed (e.g. twice chance).
+
+    Raises:
+        ValueError: the two have different lengths, or none.
+
+    Example:
+        >>> s = paired_stats([92.0, 90.0, 95.0], [90.0, 89.0, 91.0], collapse_below=20.0)
+        >>> s.mean, round(s.low, 2), round(s.high, 2), round(s.t, 3), s.wins, s.collapsed
+        (2.3333333333333335, -1.46, 6.13, 2.646, 3, 0)
+        >>> print(format_paired(s))
+        +2.33 [-1.46, +6.13], t = 2.65 (p 0.118), wins 3/3
+    """
+    from scipy import stats
+
+    if len(variant) != len(baseline) or not variant:
+        raise ValueError(
+            f"paired_stats needs one value per seed for both, in the same order (got "
+            f"{len(variant)} and {len(baseline)}); pass the variant's and the baseline's results "
+            "on the same seeds"
+        )
+    diffs = [float(a) - float(b) for a, b in zip(variant, baseline)]
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    low = high = t = p = math.nan
+    if n > 1:
+        sd = statistics.stdev(diffs)
+        half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+        low, high = mean - half, mean + half
+        if sd > 0:
+            t = mean / (sd / math.sqrt(n))
+            p = float(2 * stats.t.sf(abs(t), n - 1))
+        elif mean != 0:
+            t, p = math.copysign(math.inf, mean), 0.0
+    below = (lambda v: v < collapse_below) if collapse_below is not None else (lambda v: False)
+    return Paired(
+        n=n,
+        mean=mean,
+        low=low,
+        high=high,
+        t=t,
+        p=p,
+        wins=sum(d > 0 for d in diffs),
+        losses=sum(d < 0 for d in diffs),
+        collapsed=sum(below(v) for v in variant),
+        baseline_collapsed=sum(below(v) for v in baseline),
+    )
+
+
+def format_paired(s: Paired, digits: int = 2) -> str:
+    """One line: ``"+mean [low, high], t = T (p P), wins W/N"``, and the collapsed runs when any.
+
+    Example:
+        >>> print(format_paired(paired_stats([10.0, 95.0], [90.0, 91.0], collapse_below=20.0)))
+        -38.00 [-571.66, +495.66], t = -0.90 (p 0.532), wins 1/2, collapsed 1 (baseline 0)
+    """
+    text = (
+        f"{s.mean:+.{digits}f} [{s.low:+.{digits}f}, {s.high:+.{digits}f}], "
+        f"t = {s.t:.2f} (p {s.p:.3g}), wins {s.wins}/{s.n}"
+    )
+    if s.collapsed or s.baseline_collapsed:
+        text += f", collapsed {s.collapsed} (baseline {s.baseline_collapsed})"
+    return text
+
+
+def paired_table(
+    seeds: Sequence[int],
+    results: Mapping[str, Sequence[float]],
+    baseline: str,
+    *,
+    digits: int = 2,
+    collapse_below: float | None = None,
+) -> str:
+    """A Markdown table: one row per seed with every variant's result and its difference to the
+    baseline on that seed, then one row per variant with the paired statistics.
+
+    Args:
+        seeds: the seeds, in the order of the results.
+        results: per variant, one result per seed (the baseline among them).
+        baseline: the variant every other one is compared with.
+        digits: decimals.
+        collapse_below: a result below it counts as a collapsed run (marked ``*``).
+
+    Example:
+        >>> print(paired_table([0, 1], {"plain": [90.0, 10.0], "ds": [92.0, 91.0]}, "plain",
+        ...                    collapse_below=20.0))
+        | seed | plain | ds |
+        |---:|---:|---:|
+        | 0 | 90.00 | 92.00 (+2.00) |
+        | 1 | 10.00* | 91.00 (+81.00) |
+        <BLANKLINE>
+        | variant - plain | mean [95% CI] | paired t (p) | wins | collapsed runs |
+        |---|---:|---:|---:|---:|
+        | ds | +41.50 [-460.40, +543.40] | 1.05 (p 0.484) | 2/2 | 0 (plain 1) |
+    """
+    if baseline not in results:
+        raise ValueError(
+            f"paired_table: the baseline {baseline!r} is not among the results "
+            f"({sorted(results)}); pass one of them"
+        )
+
+    def cell(v: float) -> str:
+        star = "*" if collapse_below is not None and v < collapse_below else ""
+        return f"{v:.{digits}f}{star}"
+
+    names = list(results)
+    lines = ["| seed | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    base = results[baseline]
+    for i, seed in enumerate(seeds):
+        cells = [
+            cell(results[v][i])
+            + ("" if v == baseline else f" ({results[v][i] - base[i]:+.{digits}f})")
+            for v in names
+        ]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"| variant - {baseline} | mean [95% CI] | paired t (p) | wins | collapsed runs |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for v in names:
+        if v == baseline:
+            continue
+        s = paired_stats(results[v], base, collapse_below=collapse_below)
+        lines.append(
+            f"| {v} | {s.mean:+.{digits}f} [{s.low:+.{digits}f}, {s.high:+.{digits}f}] "
+            f"| {s.t:.2f} (p {s.p:.3g}) | {s.wins}/{s.n} | "
+            + (
+                "- |"
+                if collapse_below is None
+                else f"{s.collapsed} ({baseline} {s.baseline_collapsed}) |"
+            )
+        )
+    return "\n".join(lines)
+
+
+def parse_seeds(tokens: Sequence[str | int]) -> list[int]:
+    """``--seeds`` as the examples take it: integers and inclusive ranges ``A-B``, in order.
+
+    Raises:
+        ValueError: a token is neither, or a range runs backwards.
+
+    Example:
+        >>> parse_seeds(["0", "100-103", 7])
+        [0, 100, 101, 102, 103, 7]
+    """
+    seeds: list[int] = []
+    for token in tokens:
+        text = str(token).strip()
+        first, dash, last = text.partition("-")
+        try:
+            if dash and first:
+                low, high = int(first), int(last)
+                if high < low:
+                    raise ValueError
+                seeds += range(low, high + 1)
+            else:
+                seeds.append(int(text))
+        except ValueError:
+            raise ValueError(
+                f"--seeds takes integers and ranges A-B with A <= B (got {text!r}); "
+                "e.g. --seeds 0 1 2 or --seeds 100-109"
+            ) from None
+    return seeds
 
 
 # --------------------------------------------------------------------------- CPU threads

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _shared import about, mean_std, stratified_split, upscaled_digits
+from _shared import about, mean_std, paired_table, parse_seeds, stratified_split, upscaled_digits
 from torch import nn
 from tqdm import tqdm
 
@@ -211,6 +211,33 @@ def early_exit_curve(
 # reporting --------------------------------------------------------------------------------
 
 
+def paired_report(runs: list[dict[str, Any]], max_drops: Sequence[float]) -> str:
+    """Per seed and paired: each exit's test accuracy against ``plain`` and self-distillation
+    against deep supervision, and early exit's share of the full model's FLOPs at each allowed
+    drop against ``plain`` (empty with fewer than two seeds or one variant)."""
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    run = {(r["variant"], r["seed"]): r for r in runs}
+    seeds = [s for s in dict.fromkeys(r["seed"] for r in runs)
+             if all((v, s) in run for v in variants)]  # fmt: skip
+    if len(seeds) < 2 or len(variants) < 2:
+        return ""
+    parts = []
+    for name in [*EXITS, "output"]:
+        acc = {v: [100 * run[v, s]["exits"][name] for s in seeds] for v in variants}
+        for baseline in ("plain", "ds"):
+            compared = {v: acc[v] for v in variants if v != "plain" or baseline == "plain"}
+            if baseline in compared and len(compared) > 1:
+                parts += [f"## {name}: test accuracy (%), paired against {baseline}", ""]
+                parts += [paired_table(seeds, compared, baseline), ""]
+    for i, drop in enumerate(max_drops):
+        share = {v: [run[v, s]["curve"][i]["flops"] / run[v, s]["curve"][i]["full_flops"]
+                     for s in seeds] for v in variants}  # fmt: skip
+        if "plain" in share:
+            parts += [f"## early exit at max drop {drop:g}: share of the full model's FLOPs", ""]
+            parts += [paired_table(seeds, share, "plain", digits=3), ""]
+    return "\n".join(parts)
+
+
 def summarize(runs: list[dict[str, Any]], max_drops: Sequence[float]) -> str:
     names = [*EXITS, "output"]
     lines = ["## Test accuracy per exit (mean ± std over seeds, %)", ""]
@@ -335,7 +362,9 @@ def fixed_exit_costs(sup: DeepSupervision, x: torch.Tensor) -> dict[str, float]:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--seeds", nargs="+", default=["0", "1", "2"], help="integers and ranges A-B (100-109)"
+    )
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--size", type=int, default=16, help="upscaled image side")
     p.add_argument("--width", type=int, default=16, help="channels of the first stage")
@@ -347,6 +376,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("runs/multi_exit_digits"))
     args = p.parse_args(argv)
+    try:
+        args.seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        p.error(str(e))
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -390,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "split": {k: len(v[1]) for k, v in data.items()},
     }
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    summary = summarize(runs, args.max_drops)
+    summary = summarize(runs, args.max_drops) + "\n\n" + paired_report(runs, args.max_drops)
     (args.out / "summary.md").write_text(summary + "\n")
     plot(runs, args.max_drops, args.out)
     print(summary)

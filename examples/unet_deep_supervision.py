@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _shared import about, format_mean_std, set_threads
+from _shared import about, format_mean_std, paired_table, parse_seeds, set_threads
 from torch import nn
 from tqdm import tqdm
 
@@ -347,7 +347,11 @@ def print_summary(
     seeds: Sequence[int],
     steps: int,
     test: int,
+    seeds_of: dict[str, list[int]] | None = None,
 ) -> None:
+    """The table of every variant (mean ± std over seeds), and with two or more seeds the paired
+    differences of each metric against ``no DS`` on the seeds both ran (``seeds_of``: each
+    variant's seeds in the order of its values; default ``seeds`` for all)."""
     print(f"\n{len(seeds)} seed(s) {list(seeds)}, {steps} steps each, {test} test volumes")
     print(
         f"{'variant':<12} {'Dice organ':>16} {'Dice lesion':>16} {'lesions found':>16} {'s/run':>7}"
@@ -358,6 +362,16 @@ def print_summary(
     print("\nlesions still present in the training targets at each tap's scale:")
     for rule, scales in survival.items():
         print(f"  {rule:<8} " + "  ".join(f"{s}: {x:.1%}" for s, x in scales.items()))
+    baseline = VARIANTS[0]
+    seeds_of = seeds_of or {v: list(seeds) for v in summary}
+    common = sorted(set.intersection(*(set(seeds_of[v]) for v in summary)))
+    if baseline not in summary or len(summary) < 2 or len(common) < 2:
+        return
+    for k in KEYS:
+        by_seed = {v: dict(zip(seeds_of[v], summary[v][k])) for v in summary}
+        table = {v: [by_seed[v][s] for s in common] for v in summary}
+        print(f"\n{k}, per seed and paired against {baseline!r}:")
+        print(paired_table(common, table, baseline, digits=3))
 
 
 def combine(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
@@ -382,9 +396,12 @@ def combine(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
     order = [v for v in VARIANTS if v in summary]
     summary = {v: summary[v] for v in order}
     seeds = sorted({run["seed"] for v in runs for run in runs[v]})
+    seeds_of = {v: [run["seed"] for run in runs[v]] for v in order}
     out.mkdir(parents=True, exist_ok=True)
     plot({v: runs[v] for v in order}, make_set(config["test"], config["size"], seed=3000), out)
-    print_summary(summary, results[0]["target_survival"], seeds, config["steps"], config["test"])
+    print_summary(
+        summary, results[0]["target_survival"], seeds, config["steps"], config["test"], seeds_of
+    )
     print(f"\nwrote {out}/curves.png, overlay.png")
     return {"test": summary, "seeds": seeds, "target_survival": results[0]["target_survival"]}
 
@@ -393,7 +410,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument(
+        "--seeds", nargs="+", default=["0"], help="seeds: integers and ranges A-B (100-109)"
+    )
     p.add_argument("--steps", type=int, default=200, help="training steps per variant and seed")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--size", type=int, default=24, help="volume edge (a multiple of 8)")
@@ -417,6 +436,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "seed or per variant, instead of training",
     )  # fmt: skip
     args = p.parse_args(argv)
+    try:
+        args.seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        p.error(str(e))
     if args.size % 8 or args.size < 8:
         p.error(f"--size must be a positive multiple of 8 (got {args.size})")
     for name in ("steps", "batch_size", "width", "train", "val", "test", "eval_every"):

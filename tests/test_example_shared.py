@@ -158,3 +158,84 @@ def test_multi_exit_data_is_unchanged_bit_for_bit(size: int, seed: int) -> None:
     assert list(got) == ["train", "val", "test"]
     for name, index in (("train", train), ("val", val), ("test", test)):
         assert torch.equal(got[name][0], x[index]) and torch.equal(got[name][1], y[index])
+
+
+# --------------------------------------------------------------------------- paired statistics
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_paired_stats_equals_scipy_ttest_rel(seed: int) -> None:
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(seed)
+    n = 3 + seed * 2
+    baseline = list(rng.normal(80, 10, n))
+    variant = [b + d for b, d in zip(baseline, rng.normal(1.5, 4, n))]
+    s = _shared.paired_stats(variant, baseline)
+    reference = stats.ttest_rel(variant, baseline)
+    interval = reference.confidence_interval(0.95)
+    diffs = np.subtract(variant, baseline)
+    assert s.n == n and s.mean == pytest.approx(diffs.mean(), rel=1e-12)
+    assert s.t == pytest.approx(reference.statistic, rel=1e-10)
+    assert s.p == pytest.approx(reference.pvalue, rel=1e-8)
+    assert (s.low, s.high) == pytest.approx((interval.low, interval.high), rel=1e-10)
+    assert s.wins == int((diffs > 0).sum()) and s.losses == int((diffs < 0).sum())
+
+
+def test_paired_stats_by_hand_and_edge_cases() -> None:
+    # differences 2, 1, 4: mean 7/3, sd sqrt(7/3), t = mean / (sd / sqrt(3))
+    s = _shared.paired_stats([92.0, 90.0, 95.0], [90.0, 89.0, 91.0], collapse_below=91.0)
+    assert s.mean == pytest.approx(7 / 3)
+    assert s.t == pytest.approx((7 / 3) / (math.sqrt(7 / 3) / math.sqrt(3)))
+    half = 4.302652729911275 * math.sqrt(7 / 3) / math.sqrt(3)  # t_{0.975, 2}
+    assert (s.low, s.high) == pytest.approx((7 / 3 - half, 7 / 3 + half))
+    assert (s.collapsed, s.baseline_collapsed) == (1, 2)  # 90 < 91; 90, 89 < 91
+    same = _shared.paired_stats([2.0, 3.0], [1.0, 2.0])  # every difference +1
+    assert same.t == math.inf and same.p == 0.0 and same.low == same.high == 1.0
+    one = _shared.paired_stats([2.0], [1.0])
+    assert one.mean == 1.0 and math.isnan(one.t) and math.isnan(one.low)
+    with pytest.raises(ValueError, match=r"one value per seed for both.*got 2 and 1"):
+        _shared.paired_stats([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match=r"got 0 and 0"):
+        _shared.paired_stats([], [])
+
+
+def test_paired_table_rows_and_stats() -> None:
+    text = _shared.paired_table(
+        [7, 8, 9],
+        {"plain": [50.0, 60.0, 10.0], "ds": [55.0, 50.0, 12.0]},
+        "plain",
+        collapse_below=20.0,
+    )
+    lines = text.splitlines()
+    assert lines[2:5] == ["| 7 | 50.00 | 55.00 (+5.00) |", "| 8 | 60.00 | 50.00 (-10.00) |",
+                          "| 9 | 10.00* | 12.00* (+2.00) |"]  # fmt: skip
+    s = _shared.paired_stats([55.0, 50.0, 12.0], [50.0, 60.0, 10.0], collapse_below=20.0)
+    assert lines[-1].startswith(f"| ds | {s.mean:+.2f} [{s.low:+.2f}, {s.high:+.2f}]")
+    assert lines[-1].endswith("| 2/3 | 1 (plain 1) |")
+    with pytest.raises(ValueError, match="baseline 'none' is not among the results"):
+        _shared.paired_table([0], {"a": [1.0]}, "none")
+
+
+def test_parse_seeds() -> None:
+    assert _shared.parse_seeds(["100-102", "5", 3]) == [100, 101, 102, 5, 3]
+    for bad in ("5-3", "x", "1-"):
+        with pytest.raises(ValueError, match=r"--seeds takes integers and ranges A-B"):
+            _shared.parse_seeds([bad])
+
+
+def test_examples_take_a_seed_range() -> None:
+    args = deep_plain_net.parse_args(["--seeds", "100-102", "7"])
+    assert args.seeds == [100, 101, 102, 7]
+    with pytest.raises(SystemExit):
+        deep_plain_net.parse_args(["--seeds", "9-3"])
+
+
+def test_deep_plain_net_paired_report_pairs_by_seed() -> None:
+    runs = [{"variant": v, "seed": s, "final_acc": a}
+            for v, s, a in [("plain", 3, 0.5), ("ds", 3, 0.6), ("plain", 4, 0.9),
+                            ("ds", 4, 0.15), ("plain", 5, 0.7)]]  # fmt: skip
+    text = deep_plain_net.paired_report(runs)  # seed 5 has no ds run: left out
+    s = _shared.paired_stats([60.0, 15.0], [50.0, 90.0], collapse_below=20.0)
+    assert "| 5 |" not in text and "| 4 | 90.00 | 15.00* (-75.00) |" in text
+    assert text.splitlines()[-1].startswith(f"| ds | {s.mean:+.2f} [{s.low:+.2f}, {s.high:+.2f}]")
+    assert text.splitlines()[-1].endswith("| 1/2 | 1 (plain 0) |")

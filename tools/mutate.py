@@ -1088,6 +1088,31 @@ MUTATIONS: list[Mutation] = [
         "cut_cache(cache, done)  # the drafted entries of the shared layers",
         "pass",
     ),
+    # issue 19
+    Mutation(
+        "balance.bound-never-scales",
+        "deepsup/balance.py",
+        "return None if scale == 1.0 else rest + scale * aux",
+        "return None",
+    ),
+    Mutation(
+        "balance.bound-ratio-inverted",
+        "deepsup/balance.py",
+        "self.max_ratio * r / a",
+        "a / (self.max_ratio * r)",
+    ),
+    Mutation(
+        "balance.pcgrad-projects-agreeing",
+        "deepsup/balance.py",
+        "if dot < 0 and norm2 > 0:",
+        "if norm2 > 0:",
+    ),
+    Mutation(
+        "balance.uncertainty-no-regulariser",
+        "deepsup/balance.py",
+        "torch.exp(-s) * losses[n] + s for n, s",
+        "torch.exp(-s) * losses[n] for n, s",
+    ),
 ]
 
 # Survivors judged equivalent: the mutant cannot change what deepsup computes.
