@@ -144,8 +144,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "wrapper.shared-head-not-copied",
         B,
-        "copy.deepcopy(spec) if uses[id(spec)] > 1 else spec",
-        "spec",
+        "head = copy.deepcopy(spec) if copied else spec",
+        "head = spec",
     ),
     Mutation("wrapper.tap-criteria-not-registered", W, "if tap_criteria:", "if False:"),
     Mutation("wrapper.raw-not-detached", W, "raw[name] = loss.detach()", "raw[name] = loss"),
@@ -588,8 +588,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "functional.binary-probability-one-sided",
         F,
-        "        return torch.cat([p, 1 - p], dim=1)\n    return x.softmax(1)",
-        "        return torch.cat([p, p], dim=1)\n    return x.softmax(1)",
+        "return _per_sample(x[:, 0].abs().sigmoid())",
+        "return _per_sample(x[:, 0].sigmoid())",
     ),
     Mutation(
         "functional.entropy-not-normalised",
@@ -759,14 +759,14 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "exits.threshold-equal-to-confidence-stays",
         X,
-        "bool((conf >= threshold).all())",
-        "bool((conf > threshold).all())",
+        "return self.early._confidence(self.name, pred) >= threshold",
+        "return self.early._confidence(self.name, pred) > threshold",
     ),
     Mutation(
         "exits.one-confident-sample-exits",
         X,
-        "bool((conf >= threshold).all())",
-        "bool((conf >= threshold).any())",
+        "bool(self._leave(call, pred, threshold).all())",
+        "bool(self._leave(call, pred, threshold).any())",
     ),
     Mutation(
         "exits.nan-threshold-allowed",
@@ -795,8 +795,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "exits.extra-state-length-unchecked",
         X,
-        "if not isinstance(state, torch.Tensor) or state.shape != (len(self.exits),):",
-        "if not isinstance(state, torch.Tensor):",
+        "state.shape not in ((k,), (2, k))",
+        "state.dim() not in (1, 2)",
     ),
     Mutation(
         "exits.off-exit-runs-its-head",
@@ -838,8 +838,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "calibration.max-drop-relative",
         CAL,
-        "floor = float(score[-1].mean()) - max_drop - 1e-9",
-        "floor = float(score[-1].mean()) * (1 - max_drop) - 1e-9",
+        "floor = float(score[-1].mean()) - (max_drop or 0.0) - 1e-9",
+        "floor = float(score[-1].mean()) * (1 - (max_drop or 0.0)) - 1e-9",
     ),
     Mutation(
         "calibration.nan-confidences-in-quantiles",
