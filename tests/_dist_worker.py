@@ -76,7 +76,19 @@ def total_loss(sup: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 def reference(weight: Any, world: int, steps: int = STEPS) -> dict[str, torch.Tensor]:
     """Single-process data parallelism: the mean of every rank's gradient, then SGD."""
-    sup = make_sup(weight)
+    return data_parallel(
+        lambda: make_sup(weight), lambda sup, step, rank: total_loss(sup, *batch(step, rank)),
+        world, steps,
+    )  # fmt: skip
+
+
+def data_parallel(
+    build: Callable[[], Any], loss_at: Callable[[Any, int, int], torch.Tensor], world: int,
+    steps: int,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """What ``world`` ranks of data parallelism must compute: SGD on the mean of every rank's
+    gradient, in one process; ``loss_at(sup, step, rank)`` is a rank's loss at a step."""
+    sup = build()
     sup.train()
     opt = torch.optim.SGD(sup.parameters(), lr=LR)
     params = dict(sup.named_parameters())
@@ -84,7 +96,7 @@ def reference(weight: Any, world: int, steps: int = STEPS) -> dict[str, torch.Te
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
         for rank in range(world):
             opt.zero_grad()
-            total_loss(sup, *batch(step, rank)).backward()
+            loss_at(sup, step, rank).backward()
             for n, p in params.items():
                 if p.grad is not None:
                     grads[n] += p.grad / world
@@ -219,7 +231,65 @@ def fsdp2() -> dict[str, Any]:
     }
 
 
+def make_lm_sup() -> Any:
+    """A tiny HF Llama with LayerSkip's rotational curriculum over its first three layers,
+    every exit through the model's own norm and lm_head (``heads.reuse``)."""
+    import transformers
+
+    from deepsup import DeepSupervision, heads, losses, schedules
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    taps = [f"model.layers.{i}" for i in range(3)]
+    return DeepSupervision(
+        model,
+        schedules.rotational(taps, schedules.depth_weights(taps, "l")),
+        head=heads.reuse(model.model.norm, model.lm_head),
+        criterion=losses.NextToken(),
+    )
+
+
+def lm_loss(sup: Any, step: int, rank: int) -> torch.Tensor:
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(100 * step + rank))
+    out, aux = sup(input_ids=ids, labels=ids, target=ids)
+    return out.loss + sum(aux.values())
+
+
+def ddp_llm_rotational() -> dict[str, Any]:
+    """DDP around a causal LM whose exits rotate: the exits that are off run no head (the
+    shared lm_head is not called for them), and DDP needs no find_unused_parameters."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sup = make_lm_sup()
+    head = sup.model.lm_head.weight.detach().clone()
+    ddp = DistributedDataParallel(sup)  # find_unused_parameters=False, the default
+    sup.train()
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    active = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        active.append([t for t, w in sup.weights.items() if w > 0])
+        lm_loss(ddp, step, rank).backward()
+        opt.step()
+        sup.step()
+    across = gather_max_diff(sup.named_parameters())
+    ref = data_parallel(make_lm_sup, lm_loss, world, STEPS)
+    return {
+        "ok": True,
+        "active": active,
+        "params": sum(1 for _ in sup.parameters()),
+        "model_params": sum(1 for _ in sup.model.parameters()),
+        "lm_head_change": float((sup.model.lm_head.weight.detach() - head).abs().max()),
+        "max_diff_across_ranks": max(across.values()),
+        "max_diff_to_reference": max_diff_to(ref, sup.named_parameters()),
+    }
+
+
 SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
+    "ddp_llm_rotational": ddp_llm_rotational,
     "ddp_wrapper": ddp_wrapper,
     "ddp_cutoff": ddp_cutoff,
     "fsdp2": fsdp2,

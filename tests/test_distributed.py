@@ -87,6 +87,16 @@ def test_ddp_weight_cut_to_zero_needs_no_find_unused_parameters(results: dict[st
 
 
 @pytest.mark.distributed
+def test_ddp_around_an_llm_with_rotating_exits_and_a_shared_head(results: dict[str, Any]) -> None:
+    r = scenario(results, "ddp_llm_rotational")
+    assert r["active"] == [["model.layers.0"], ["model.layers.1"], ["model.layers.2"]]
+    assert r["params"] == r["model_params"]  # heads.reuse: no parameters of its own
+    assert r["lm_head_change"] > 0  # trained
+    assert r["max_diff_across_ranks"] == 0.0
+    assert r["max_diff_to_reference"] < 1e-5
+
+
+@pytest.mark.distributed
 def test_fsdp2_fully_shard_blocks_and_wrapper(results: dict[str, Any]) -> None:
     r = scenario(results, "fsdp2")
     assert r["sharded_params"] == r["params"]  # heads included
