@@ -11,12 +11,15 @@ Part 2: ``SelfSpeculativeDecoder`` (exit at layer 2 of 6, 4 drafted tokens) agai
 a random model (its early exit rarely agrees with the output: acceptance near 0) and the same
 model with layers 3..5 turned into identities (zeroed output projections: the exit *is* the
 output, acceptance 1). A trained model lies between; ``examples/early_exit_lm.py`` measures one.
+Hugging Face's own ``model.generate(assistant_early_exit=3)`` (the same draft: the first 3 layers,
+then the model's norm and ``lm_head``, which is what ``heads.reuse`` trains) runs beside them.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import torch
 import transformers
@@ -78,6 +81,14 @@ def exits_step(rounds: int, warmup: int, quick: bool) -> tuple[str, Stats]:
     return body, ratio
 
 
+def hf_early_exit(model: transformers.LlamaForCausalLM, prompt: torch.Tensor, new: int) -> Any:
+    """HF's self-speculative decoding with the same draft: the first 3 layers."""
+    return model.generate(
+        prompt, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+        assistant_early_exit=3,
+    )  # fmt: skip
+
+
 def decoding(rounds: int, warmup: int, quick: bool) -> str:
     new = 24 if quick else 64
     rows = []
@@ -98,18 +109,19 @@ def decoding(rounds: int, warmup: int, quick: bool) -> str:
             prompt, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0
         )
         spec = dec.generate(prompt, max_new_tokens=new)
-        same = torch.equal(plain, spec)
+        same = torch.equal(plain, spec) and torch.equal(plain, hf_early_exit(model, prompt, new))
         times = interleave(
             {
                 "greedy": lambda m=model, p=prompt: m.generate(
                     p, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0
                 ),
                 "speculative": lambda d=dec, p=prompt: d.generate(p, max_new_tokens=new),
+                "hf": lambda m=model, p=prompt: hf_early_exit(m, p, new),
             },
             rounds=rounds,
             warmup=warmup,
         )
-        g, s = Stats.of(times["greedy"]), Stats.of(times["speculative"])
+        g, s, h = (Stats.of(times[k]) for k in ("greedy", "speculative", "hf"))
         rows.append(
             [
                 label,
@@ -117,6 +129,8 @@ def decoding(rounds: int, warmup: int, quick: bool) -> str:
                 f"{new / g.median:.0f}",
                 f"{new / s.median:.0f}",
                 paired(times, "speculative", "greedy").fmt(1, 2),
+                f"{new / h.median:.0f}",
+                paired(times, "hf", "greedy").fmt(1, 2),
                 "yes" if same else "NO",
             ]
         )
@@ -130,7 +144,9 @@ def decoding(rounds: int, warmup: int, quick: bool) -> str:
                 "greedy tok/s",
                 "speculative tok/s",
                 "speed-up (greedy time / spec. time)",
-                "same tokens",
+                "HF assistant_early_exit tok/s",
+                "HF speed-up (greedy time / HF time)",
+                "same tokens (all three)",
             ],
             rows,
         )

@@ -381,6 +381,31 @@ def test_speculative_output_equals_greedy_decoding(kind: str, draft: int) -> Non
     assert torch.equal(sup(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_hf_assistant_early_exit_applies_to_a_model_trained_through_deepsup() -> None:
+    """HF's assistant_early_exit=k drafts with what heads.reuse trains on model.layers.{k-1}:
+    after a training step through the wrapper, its tokens equal SelfSpeculativeDecoder's and
+    greedy's."""
+    model = tiny_llama(4, seed=4)
+    sup = DeepSupervision(model, ["model.layers.1"], head=exit_head(model),
+                          criterion=losses.NextToken())  # fmt: skip
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(5))
+    sup.train()
+    out, aux = sup(input_ids=ids, labels=ids, target=ids)
+    (out.loss + sum(aux.values())).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+    sup.eval()
+    dec = SelfSpeculativeDecoder(sup, exit="model.layers.1", draft_tokens=3)
+    prompt = torch.tensor([[7, 3, 9, 2]])
+    hf = model.generate(
+        prompt, do_sample=False, max_new_tokens=10, min_new_tokens=10, eos_token_id=None,
+        pad_token_id=0, assistant_early_exit=2,
+    )  # fmt: skip
+    assert torch.equal(hf, greedy(model, prompt, 10))
+    assert torch.equal(dec.generate(prompt, max_new_tokens=10), hf)
+
+
 def test_speculative_accepts_every_draft_from_the_last_layer() -> None:
     model = tiny_llama(3, seed=3)
     sup = DeepSupervision(model, ["model.layers.2"], head=exit_head(model)).eval()
