@@ -3,15 +3,15 @@ self-speculative decoding from its exits.
 
 A byte-level LlamaForCausalLM (transformers, built from a config: no download) is trained from
 scratch on the ``.py`` files of the standard library of the running Python, split by file into
-train / val / test (sorted names: every 10th file to val, the next to test). Per seed, two runs:
-``plain`` (the model's own loss) and ``ee`` (plus LayerSkip's early-exit loss on every layer but
-the last: ``heads.reuse(norm, lm_head)``, ``losses.NextToken``, ``schedules.depth_weights``).
+train / val / test (sorted names: every 10th file to val, the next to test). Per seed, three
+runs: ``plain`` (the model's own loss), ``ee`` (plus LayerSkip's early-exit loss on every layer
+but the last: ``heads.reuse(norm, lm_head)``, ``losses.NextToken``, ``schedules.depth_weights``)
+and ``ee-ld`` (``ee`` with LayerSkip's layer dropout, ``deepsup.LayerDropout``, rule ``exp``).
 Then per exit the validation loss and perplexity, and self-speculative decoding
 (``deepsup.SelfSpeculativeDecoder``) from each exit against plain greedy decoding on test
 prompts: acceptance, tokens/s and whether the outputs are identical.
 
-    python examples/early_exit_lm.py                 # 120 steps per run (not timed yet)
-    python examples/early_exit_lm.py --steps 40      # took 8.5 min, 1 thread, busy machine
+    python examples/early_exit_lm.py                 # 120 steps per run: 3 seeds x 3 configs
     python examples/early_exit_lm.py --quick         # seconds, for the tests
 """
 
@@ -31,9 +31,16 @@ import transformers
 from _shared import format_mean_std, set_threads
 from tqdm import tqdm
 
-from deepsup import DeepSupervision, SelfSpeculativeDecoder, heads, losses, schedules
+from deepsup import (
+    DeepSupervision,
+    LayerDropout,
+    SelfSpeculativeDecoder,
+    heads,
+    losses,
+    schedules,
+)
 
-CONFIGS = ("plain", "ee")
+CONFIGS = ("plain", "ee", "ee-ld")  # ee-ld: the early-exit loss and LayerSkip's layer dropout
 
 
 def corpus_files() -> dict[str, list[Path]]:
@@ -77,10 +84,14 @@ def batches(data: torch.Tensor, n: int, size: int, seq: int, seed: int) -> list[
 def train(config: str, seed: int, args: argparse.Namespace, data: torch.Tensor) -> DeepSupervision:
     model = build(args.layers, args.width, seed)
     taps = [f"model.layers.{i}" for i in range(args.layers - 1)]
-    weights = schedules.depth_weights(taps, "sum_l", scale=args.ee_scale) if config == "ee" else {}
+    ee = config in ("ee", "ee-ld")
+    weights = schedules.depth_weights(taps, "sum_l", scale=args.ee_scale) if ee else {}
+    if config == "ee-ld":  # before the wrapper, so that its taps see the mixed outputs
+        LayerDropout(model, [f"model.layers.{i}" for i in range(args.layers)],
+                     p_max=args.layer_drop, rule="exp")  # fmt: skip
     sup = DeepSupervision(
         model,
-        weights if config == "ee" else dict.fromkeys(taps, 0.0),  # weight 0: no head runs
+        weights if ee else dict.fromkeys(taps, 0.0),  # weight 0: no head runs
         head=heads.reuse(model.model.norm, model.lm_head),
         criterion=losses.NextToken(),
     )
@@ -159,6 +170,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=192)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ee-scale", type=float, default=1.0)
+    p.add_argument("--layer-drop", type=float, default=0.2, help="ee-ld: the last layer's p")
     p.add_argument("--val-batches", type=int, default=8)
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=32)
